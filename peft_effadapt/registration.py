@@ -1,0 +1,92 @@
+"""The only module that touches peft internals.
+
+peft 0.21 keeps its method types in a closed ``str`` enum (``peft.utils.PeftType``) and its public
+``register_peft_method`` refuses names that are not members yet. We therefore (1) add real members to that enum,
+the way the enum machinery itself creates them, and (2) register config and tuner classes through
+``register_peft_method``. Both steps are idempotent: importing ``peft_effadapt`` twice, reloading it, or
+registering the same classes again is a no-op; a conflicting registration is a clear error.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from peft.utils import PeftType, register_peft_method
+
+# Every PEFT type this package defines or will define. Reserved at import so that an adapter_config.json naming any
+# of them resolves to a member (and to a clear "not registered" error rather than a bare KeyError).
+PEFT_TYPE_NAMES: tuple[str, ...] = ("CONSOLIDATOR", "RLP", "QPROMPT", "PYRA", "TEMPME", "COOP")
+
+
+def add_peft_type(name: str) -> PeftType:
+    """Adds ``name`` as a member of ``peft.utils.PeftType`` (value == name) and returns it.
+
+    Returns the existing member when it is already there with the same value; raises ``ValueError`` when the name
+    exists with another value or the value is taken by another name.
+    """
+    if not name.isidentifier() or not name.isupper():
+        raise ValueError(f"PEFT type names must be upper-case identifiers, got {name!r}.")
+    existing = PeftType.__members__.get(name)
+    if existing is not None:
+        if existing.value != name:
+            raise ValueError(f"PeftType.{name} already exists with value {existing.value!r}, expected {name!r}.")
+        return existing
+    if name in PeftType._value2member_map_:
+        other = PeftType._value2member_map_[name]
+        raise ValueError(f"PeftType value {name!r} is already used by PeftType.{other.name}.")
+
+    member = str.__new__(PeftType, name)
+    member._name_ = name
+    member._value_ = name
+    member.__objclass__ = PeftType
+    member._sort_order_ = len(PeftType._member_names_)
+    if sys.version_info >= (3, 13):
+        PeftType._add_member_(name, member)
+    else:
+        # Enum's metaclass refuses setattr for existing members only; a new name goes through type.__setattr__.
+        type.__setattr__(PeftType, name, member)
+        PeftType._member_map_[name] = member
+    PeftType._member_names_.append(name)
+    PeftType._value2member_map_[name] = member
+    return member
+
+
+def register(name: str, config_cls: type, model_cls: type) -> None:
+    """Registers a PEFT method with peft, idempotently.
+
+    ``name`` is the lower-case method name; the prefix is ``name + "_"``, which transformers' adapter loading and
+    ``delete_adapter`` rely on, so ``model_cls.prefix`` must equal it.
+    """
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+
+    prefix = f"{name}_"
+    if getattr(model_cls, "prefix", None) != prefix:
+        raise ValueError(f"{model_cls.__name__}.prefix must be {prefix!r}, got {getattr(model_cls, 'prefix', None)!r}.")
+    peft_type = add_peft_type(name.upper())
+
+    registered_config = PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type)
+    registered_model = PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type)
+    if registered_config is not None or registered_model is not None:
+        if _same_class(registered_config, config_cls) and _same_class(registered_model, model_cls):
+            # Same classes (or the same classes re-created by a module reload): point peft at the newest objects.
+            PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
+            PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = model_cls
+            return
+        raise ValueError(
+            f"PEFT type {peft_type.value} is already registered with {registered_config!r}/{registered_model!r}; "
+            f"refusing to replace it with {config_cls!r}/{model_cls!r}."
+        )
+    # peft matches adapter keys by substring of the prefix, so a prefix that contains or is contained in another
+    # method's prefix would make loading pick up foreign tensors.
+    for other_type, other_prefix in PEFT_TYPE_TO_PREFIX_MAPPING.items():
+        if other_prefix and (other_prefix in prefix or prefix in other_prefix):
+            raise ValueError(f"Prefix {prefix!r} collides with {other_prefix!r} of PEFT type {other_type}.")
+    register_peft_method(name=name, config_cls=config_cls, model_cls=model_cls, prefix=prefix)
+
+
+def _same_class(a: type | None, b: type) -> bool:
+    return a is b or (a is not None and (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__))
+
+
+for _name in PEFT_TYPE_NAMES:
+    add_peft_type(_name)

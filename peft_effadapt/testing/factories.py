@@ -1,0 +1,84 @@
+"""Tiny randomly initialised models built from configs, for fast unit tests (no Hub access)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPVisionModel,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTModel,
+)
+
+
+def tiny_vit_config(**overrides) -> ViTConfig:
+    """The ViT of the Consolidator spec's tests: hidden 32, 2 layers, 4 heads, MLP 64, 32x32 images, patch 8."""
+    kwargs = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        num_labels=5,
+    )
+    kwargs.update(overrides)
+    return ViTConfig(**kwargs)
+
+
+def tiny_vit(seed: int = 0, with_head: bool = True, **overrides) -> ViTModel | ViTForImageClassification:
+    torch.manual_seed(seed)
+    config = tiny_vit_config(**overrides)
+    model = ViTForImageClassification(config) if with_head else ViTModel(config, add_pooling_layer=False)
+    return model.eval()
+
+
+def tiny_clip_config(**overrides) -> CLIPConfig:
+    """A CLIP with 2-layer towers of width 32, 32x32 images, patch 8 and a 64-token vocabulary."""
+    text = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=64,
+        max_position_embeddings=16,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32,
+                  patch_size=8)
+    text.update(overrides.pop("text_config", {}))
+    vision.update(overrides.pop("vision_config", {}))
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=16, **overrides)
+
+
+def tiny_clip(seed: int = 0, **overrides) -> CLIPModel:
+    torch.manual_seed(seed)
+    return CLIPModel(tiny_clip_config(**overrides)).eval()
+
+
+def tiny_clip_vision(seed: int = 0, **overrides) -> CLIPVisionModel:
+    torch.manual_seed(seed)
+    return CLIPVisionModel(tiny_clip_config(**overrides).vision_config).eval()
+
+
+def tiny_pixel_values(batch: int = 2, image_size: int = 32, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, image_size, image_size, generator=generator)
+
+
+def tiny_text_inputs(batch: int = 2, length: int = 8, vocab_size: int = 64, seed: int = 2) -> dict[str, torch.Tensor]:
+    """Token ids of the form BOS w1 .. wk EOS PAD..., as a CLIP tokenizer would produce (BOS=1, EOS=2, PAD=0)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(batch, length, dtype=torch.long)
+    mask = torch.zeros(batch, length, dtype=torch.long)
+    for row in range(batch):
+        n_words = int(torch.randint(1, length - 1, (1,), generator=generator))
+        ids[row, 0] = 1
+        ids[row, 1 : 1 + n_words] = torch.randint(3, vocab_size, (n_words,), generator=generator)
+        ids[row, 1 + n_words] = 2
+        mask[row, : 2 + n_words] = 1
+    return {"input_ids": ids, "attention_mask": mask}

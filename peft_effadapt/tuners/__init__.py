@@ -1,0 +1,1 @@
+"""One folder per PEFT type, in peft's own layout (config.py, layer.py, model.py)."""

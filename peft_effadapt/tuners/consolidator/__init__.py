@@ -1,0 +1,14 @@
+from .config import ConsolidatorConfig
+from .layer import ConsolidatorLayer, ConsolidatorLinear
+from .model import ConsolidatorModel
+from .pattern import BranchPattern, shuffle_permutation, support_index
+
+__all__ = [
+    "BranchPattern",
+    "ConsolidatorConfig",
+    "ConsolidatorLayer",
+    "ConsolidatorLinear",
+    "ConsolidatorModel",
+    "shuffle_permutation",
+    "support_index",
+]

@@ -1,0 +1,140 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+from peft.utils import PeftType
+
+STORAGE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class ConsolidatorConfig(PeftConfig):
+    """Configuration of a [`ConsolidatorModel`] (Hao et al., "Consolidator: Mergeable Adapter with Grouped
+    Connections for Visual Adaptation", ICLR 2023).
+
+    Every targeted Linear keeps its frozen weight and gains one trainable grouped-connection branch per entry of
+    `fc_groups`. After training the branches are consolidated into one sparse delta whose values alone are stored, and
+    merged into the frozen weight for inference.
+
+    Defaults follow the official release (THU-MIG/Consolidator): one branch with ``hidden_size // 2`` groups, no
+    channel shuffle, branch biases on, ``U(-1e-3, 1e-3)`` init, fused-qkv connectivity, block biases and every
+    LayerNorm tuned.
+    """
+
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Linear layers to adapt (names, suffixes or a regex). None: the block Linears of the model type "
+            "(ViT: q_proj, k_proj, v_proj, o_proj, fc1, fc2; CLIP, both towers: q_proj, k_proj, v_proj, out_proj, "
+            "fc1, fc2)."
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Names or regex of modules to leave alone."}
+    )
+    fc_groups: Optional[list[int]] = field(
+        default=None,
+        metadata={
+            "help": "Group count of each branch, e.g. [384] (one branch) or [8, 4] (two). None: one branch with "
+            "min(in_features, out_features) // 2 groups per layer, i.e. hidden_size // 2 for transformer blocks "
+            "(384 on ViT-B, the official setting). Each count must divide the layer's in and out features."
+        },
+    )
+    channel_shuffle: Union[bool, list[bool]] = field(
+        default=False,
+        metadata={"help": "ShuffleNet-style channel reorder before each branch (bool for all, or one per branch)."},
+    )
+    rep_drop: float = field(
+        default=0.0,
+        metadata={"help": "DropPath probability applied per sample and per branch during training (official: 0-0.8)."},
+    )
+    rep_bias: bool = field(default=True, metadata={"help": "Give every branch its own bias."})
+    init_range: float = field(
+        default=1e-3,
+        metadata={"help": "Branch weights and biases start ~ U(-init_range, init_range); 0 starts at the base model."},
+    )
+    qkv_grouping: Literal["fused", "separate"] = field(
+        default="fused",
+        metadata={
+            "help": "'fused': q/k/v projections get the connectivity of timm's fused qkv Linear (rows of a virtual "
+            "Din -> 3*Dout layer), as in the paper; 'separate': group each projection on its own."
+        },
+    )
+    qkv_names: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj"],
+        metadata={"help": "Names of the query, key and value projections, in fused row order (used by 'fused')."},
+    )
+    train_bias: bool = field(
+        default=True, metadata={"help": "Tune the biases of the targeted Linears (stored as bias deltas)."}
+    )
+    train_layernorm: bool = field(
+        default=True, metadata={"help": "Tune every LayerNorm of the model (added to modules_to_save)."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Extra modules trained and saved in full, e.g. ['classifier']."}
+    )
+    save_mode: Literal["consolidated", "branches"] = field(
+        default="consolidated",
+        metadata={
+            "help": "'consolidated': store only the values of the summed sparse delta (stage 1 of the paper); "
+            "'branches': store the raw branch parameters, to resume training with DropPath and all branches."
+        },
+    )
+    storage_dtype: Literal["float32", "float16", "bfloat16"] = field(
+        default="float32", metadata={"help": "dtype of the stored delta and bias values."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only adapt these layer indices."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer list when layers_to_transform is set, e.g. 'layers'."}
+    )
+    init_weights: bool = field(
+        default=True, metadata={"help": "False: start branches with larger random values (tests of merging only)."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = PeftType.CONSOLIDATOR
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                setattr(self, name, set(value))
+        if self.fc_groups is not None:
+            groups = list(self.fc_groups) if isinstance(self.fc_groups, (list, tuple)) else [self.fc_groups]
+            if not groups or any(not isinstance(g, int) or isinstance(g, bool) or g < 1 for g in groups):
+                raise ValueError(f"fc_groups must be a non-empty list of positive ints, got {self.fc_groups!r}.")
+            self.fc_groups = groups
+        n_branches = len(self.fc_groups) if self.fc_groups is not None else 1
+        if isinstance(self.channel_shuffle, (list, tuple)):
+            if len(self.channel_shuffle) != n_branches or not all(isinstance(s, bool) for s in self.channel_shuffle):
+                raise ValueError(
+                    f"channel_shuffle must be a bool or a list of {n_branches} bools (one per branch), "
+                    f"got {self.channel_shuffle!r}."
+                )
+            self.channel_shuffle = list(self.channel_shuffle)
+        elif not isinstance(self.channel_shuffle, bool):
+            raise ValueError(f"channel_shuffle must be a bool or a list of bools, got {self.channel_shuffle!r}.")
+        if not isinstance(self.rep_drop, (int, float)) or not 0.0 <= self.rep_drop < 1.0:
+            raise ValueError(f"rep_drop must be a probability in [0, 1), got {self.rep_drop!r}.")
+        if not isinstance(self.init_range, (int, float)) or self.init_range < 0:
+            raise ValueError(f"init_range must be >= 0, got {self.init_range!r}.")
+        if self.qkv_grouping not in ("fused", "separate"):
+            raise ValueError(f"qkv_grouping must be 'fused' or 'separate', got {self.qkv_grouping!r}.")
+        if len(self.qkv_names) != 3:
+            raise ValueError(f"qkv_names must name the query, key and value projections, got {self.qkv_names!r}.")
+        if self.save_mode not in ("consolidated", "branches"):
+            raise ValueError(f"save_mode must be 'consolidated' or 'branches', got {self.save_mode!r}.")
+        if self.storage_dtype not in STORAGE_DTYPES:
+            raise ValueError(f"storage_dtype must be one of {STORAGE_DTYPES}, got {self.storage_dtype!r}.")
+        if self.layers_pattern and not self.layers_to_transform:
+            raise ValueError("layers_pattern is only used together with layers_to_transform.")
+
+    @property
+    def shuffle_flags(self) -> list[bool]:
+        n_branches = len(self.fc_groups) if self.fc_groups is not None else 1
+        if isinstance(self.channel_shuffle, list):
+            return list(self.channel_shuffle)
+        return [self.channel_shuffle] * n_branches

@@ -1,0 +1,220 @@
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from .pattern import BranchPattern, support_index
+
+
+class ConsolidatorBranch(nn.Module):
+    """One grouped-connection branch: values ``[Dout, si]`` (row ``o`` holds its ``si`` connections) and a bias."""
+
+    def __init__(self, pattern: BranchPattern, bias: bool, init_range: float):
+        super().__init__()
+        self.pattern = pattern
+        self.weight = nn.Parameter(torch.empty(pattern.out_features, pattern.in_per_group))
+        self.bias = nn.Parameter(torch.empty(pattern.out_features)) if bias else None
+        for tensor in (self.weight, self.bias):
+            if tensor is not None:
+                nn.init.uniform_(tensor, -init_range, init_range)
+        self.aligned = pattern.is_block_aligned()
+        index = pattern.grouped_input_index() if self.aligned else None
+        self.register_buffer("input_index", index, persistent=False)
+        self.register_buffer("columns", None if self.aligned else pattern.columns(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.aligned:  # groups straddle the q/k/v boundary of a fused layer: masked dense delta
+            return F.linear(x, self.dense_weight(), self.bias)
+        if self.input_index is not None:
+            x = x.index_select(-1, self.input_index)
+        so, si = self.pattern.out_per_group, self.pattern.in_per_group
+        groups = self.pattern.out_features // so
+        y = torch.einsum("...gi,goi->...go", x.unflatten(-1, (groups, si)), self.weight.view(groups, so, si))
+        y = y.flatten(-2)
+        return y if self.bias is None else y + self.bias
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.pattern.dense(self.weight)
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Per-sample DropPath over the first dimension: keep a sample's whole branch output with prob. 1-p, scaled."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - p)
+    return x * keep / (1.0 - p)
+
+
+class ConsolidatorLayer(BaseTunerLayer):
+    """Mixin holding, per adapter, either trainable branches (training state) or the consolidated delta values."""
+
+    adapter_layer_names = ("consolidator_branches", "consolidator_delta", "consolidator_bias")
+    other_param_names = ("consolidator_patterns", "consolidator_rep_drop", "consolidator_support")
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.consolidator_branches = nn.ModuleDict({})
+        self.consolidator_delta = nn.ParameterDict({})
+        self.consolidator_bias = nn.ParameterDict({})
+        self.consolidator_patterns: dict[str, list[BranchPattern]] = {}
+        self.consolidator_rep_drop: dict[str, float] = {}
+        self.consolidator_support: dict[str, torch.Tensor] = {}
+        self._merged_deltas: dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.kwargs = kwargs
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        patterns: list[BranchPattern],
+        rep_drop: float,
+        rep_bias: bool,
+        train_bias: bool,
+        init_range: float,
+        inference_mode: bool = False,
+    ) -> None:
+        self.consolidator_patterns[adapter_name] = patterns
+        self.consolidator_rep_drop[adapter_name] = rep_drop
+        self.consolidator_support[adapter_name] = support_index(patterns)
+        self.consolidator_branches[adapter_name] = nn.ModuleList(
+            ConsolidatorBranch(pattern, rep_bias, init_range) for pattern in patterns
+        )
+        if train_bias:
+            self.consolidator_bias[adapter_name] = nn.Parameter(torch.zeros(self.out_features))
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def to_consolidated(self, adapter_name: str, with_bias: bool) -> None:
+        """Switches an adapter to the consolidated state: one delta vector over the stored support (stage 1).
+
+        The delta keeps training if required (a single branch whose support is the union of the branches'), without
+        DropPath, which the consolidated form no longer separates into branches.
+        """
+        delta, bias = self.consolidated_values(adapter_name)
+        if adapter_name in self.consolidator_branches:
+            del self.consolidator_branches[adapter_name]
+        self.consolidator_delta[adapter_name] = nn.Parameter(delta)
+        if with_bias:
+            self.consolidator_bias[adapter_name] = nn.Parameter(bias if bias is not None else delta.new_zeros(self.out_features))
+        elif adapter_name in self.consolidator_bias:
+            del self.consolidator_bias[adapter_name]
+        self.set_adapter(self.active_adapters)
+
+    # -- the consolidated delta -------------------------------------------------------------------------------
+    def consolidated_values(self, adapter_name: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(values of ΔW on the support in row-major order, Δb or None), in eval semantics."""
+        delta_w, delta_b = self.delta_weight_and_bias(adapter_name)
+        return delta_w.flatten()[self.consolidator_support[adapter_name].to(delta_w.device)], delta_b
+
+    def delta_weight_and_bias(self, adapter_name: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Dense ΔW ``[Dout, Din]`` and Δb of one adapter (DropPath = identity)."""
+        bias = self.consolidator_bias[adapter_name] if adapter_name in self.consolidator_bias else None
+        if adapter_name in self.consolidator_delta:
+            values = self.consolidator_delta[adapter_name]
+            index = self.consolidator_support[adapter_name].to(values.device)
+            flat = values.new_zeros(self.out_features * self.in_features).index_copy(0, index, values)
+            return flat.view(self.out_features, self.in_features), bias
+        branches = self.consolidator_branches[adapter_name]
+        delta_w = sum(branch.dense_weight() for branch in branches)
+        branch_biases = [branch.bias for branch in branches if branch.bias is not None]
+        if branch_biases:
+            bias = sum(branch_biases) if bias is None else bias + sum(branch_biases)
+        return delta_w, bias
+
+    # -- merging ----------------------------------------------------------------------------------------------
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        base = self.get_base_layer()
+        for name in adapter_names:
+            if name not in self.consolidator_patterns:
+                continue
+            with torch.no_grad():
+                delta_w, delta_b = self.delta_weight_and_bias(name)
+                delta_w = delta_w.detach().float()
+                delta_b = None if delta_b is None else delta_b.detach().float()
+                new_weight = base.weight.data.float() + delta_w.to(base.weight.device)
+                new_bias = None
+                if delta_b is not None:
+                    old_bias = base.bias.data.float() if base.bias is not None else torch.zeros_like(delta_b)
+                    new_bias = old_bias + delta_b.to(old_bias.device)
+                if safe_merge and not (
+                    torch.isfinite(new_weight).all() and (new_bias is None or torch.isfinite(new_bias).all())
+                ):
+                    raise ValueError(
+                        f"NaNs or infs detected while merging Consolidator adapter '{name}'; the adapter is broken "
+                        "and was not merged."
+                    )
+                base.weight.data = new_weight.to(base.weight.dtype)
+                if new_bias is not None:
+                    if base.bias is None:
+                        base.bias = nn.Parameter(new_bias.to(base.weight.dtype), requires_grad=False)
+                    else:
+                        base.bias.data = new_bias.to(base.bias.dtype)
+                self._merged_deltas[name] = (delta_w, delta_b)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            delta_w, delta_b = self._merged_deltas.pop(name)
+            with torch.no_grad():
+                base.weight.data = (base.weight.data.float() - delta_w.to(base.weight.device)).to(base.weight.dtype)
+                if delta_b is not None:
+                    base.bias.data = (base.bias.data.float() - delta_b.to(base.bias.device)).to(base.bias.dtype)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        return self.delta_weight_and_bias(adapter_name)[0]
+
+
+class ConsolidatorLinear(nn.Module, ConsolidatorLayer):
+    """A frozen ``nn.Linear`` plus Consolidator branches: ``y = W0 x + b0 + Σ_b DropPath(B_b shuffle_b(x) + c_b)``."""
+
+    def __init__(self, base_layer: nn.Linear, adapter_name: str, **kwargs: Any) -> None:
+        super().__init__()
+        ConsolidatorLayer.__init__(self, base_layer)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, **kwargs)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        for name in self.active_adapters:
+            if name not in self.consolidator_patterns:
+                continue
+            bias = self.consolidator_bias[name] if name in self.consolidator_bias else None
+            if name in self.consolidator_delta:
+                delta_w, _ = self.delta_weight_and_bias(name)
+                xa = self._cast_input_dtype(x, delta_w.dtype)
+                result = result + F.linear(xa, delta_w, bias).to(result.dtype)
+                continue
+            branches = self.consolidator_branches[name]
+            xa = self._cast_input_dtype(x, branches[0].weight.dtype)
+            for branch in branches:
+                result = result + drop_path(branch(xa), self.consolidator_rep_drop[name], self.training).to(
+                    result.dtype
+                )
+            if bias is not None:
+                result = result + bias.to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "consolidator." + super().__repr__()
