@@ -6,11 +6,13 @@ from typing import Literal, Optional, Union
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
+from ...adapter_files import VerifiedAdapterFilesMixin
+
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass
-class ConsolidatorConfig(PeftConfig):
+class ConsolidatorConfig(VerifiedAdapterFilesMixin, PeftConfig):
     """Configuration of a [`ConsolidatorModel`] (Hao et al., "Consolidator: Mergeable Adapter with Grouped
     Connections for Visual Adaptation", ICLR 2023).
 
@@ -82,6 +84,14 @@ class ConsolidatorConfig(PeftConfig):
             "'branches': store the raw branch parameters, to resume training with DropPath and all branches."
         },
     )
+    consolidated: bool = field(
+        default=False,
+        metadata={
+            "help": "Written as true into a saved adapter_config.json whose weights hold consolidated deltas; "
+            "adapters built from such a config start in the consolidated state (one delta vector per layer). "
+            "Leave it False to train branches."
+        },
+    )
     storage_dtype: Literal["float32", "float16", "bfloat16"] = field(
         default="float32", metadata={"help": "dtype of the stored delta and bias values."}
     )
@@ -131,6 +141,13 @@ class ConsolidatorConfig(PeftConfig):
             raise ValueError(f"storage_dtype must be one of {STORAGE_DTYPES}, got {self.storage_dtype!r}.")
         if self.layers_pattern and not self.layers_to_transform:
             raise ValueError("layers_pattern is only used together with layers_to_transform.")
+
+    def to_dict(self) -> dict:
+        # A saved config must say which layout the weights next to it use, so that every loader (PeftModel,
+        # AutoPeftModel, transformers' load_adapter, inject_adapter_in_model) builds matching layers.
+        data = super().to_dict()
+        data["consolidated"] = bool(self.consolidated or self.save_mode == "consolidated")
+        return data
 
     @property
     def shuffle_flags(self) -> list[bool]:

@@ -98,15 +98,26 @@ class ConsolidatorLayer(BaseTunerLayer):
         The delta keeps training if required (a single branch whose support is the union of the branches'), without
         DropPath, which the consolidated form no longer separates into branches.
         """
-        delta, bias = self.consolidated_values(adapter_name)
+        trainable = any(p.requires_grad for p in self._adapter_parameters(adapter_name))
+        with torch.no_grad():
+            delta, bias = self.consolidated_values(adapter_name)
         if adapter_name in self.consolidator_branches:
             del self.consolidator_branches[adapter_name]
-        self.consolidator_delta[adapter_name] = nn.Parameter(delta)
+        self.consolidator_delta[adapter_name] = nn.Parameter(delta.detach(), requires_grad=trainable)
         if with_bias:
-            self.consolidator_bias[adapter_name] = nn.Parameter(bias if bias is not None else delta.new_zeros(self.out_features))
+            bias = delta.new_zeros(self.out_features) if bias is None else bias.detach()
+            self.consolidator_bias[adapter_name] = nn.Parameter(bias, requires_grad=trainable)
         elif adapter_name in self.consolidator_bias:
             del self.consolidator_bias[adapter_name]
-        self.set_adapter(self.active_adapters)
+
+    def _adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        params = []
+        for attr in self.adapter_layer_names:
+            container = getattr(self, attr)
+            if adapter_name in container:
+                item = container[adapter_name]
+                params.extend(item.parameters() if isinstance(item, nn.Module) else [item])
+        return params
 
     # -- the consolidated delta -------------------------------------------------------------------------------
     def consolidated_values(self, adapter_name: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
+from peft.utils import ModulesToSaveWrapper
 from peft.utils.error import NoMatchingPeftModuleError
 from torch import nn
 
@@ -113,11 +114,14 @@ class ConsolidatorModel(BaseTuner):
         )
         if isinstance(target, ConsolidatorLayer):
             target.update_layer(adapter_name, inference_mode=config.inference_mode, **layer_kwargs)
-            return
-        new_module = ConsolidatorLinear(base, adapter_name, **layer_kwargs)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+            new_module = target
+        else:
+            new_module = ConsolidatorLinear(base, adapter_name, **layer_kwargs)
+            if adapter_name not in self.active_adapters:
+                new_module.requires_grad_(False)
+            self._replace_module(parent, target_name, new_module, target)
+        if config.consolidated:
+            new_module.to_consolidated(adapter_name, with_bias=config.rep_bias or config.train_bias)
 
     # -- merging ------------------------------------------------------------------------------------------------
     def _check_merge_allowed(self):
@@ -134,95 +138,88 @@ class ConsolidatorModel(BaseTuner):
     # -- saving: stage-1 consolidation --------------------------------------------------------------------------
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """Consolidated mode replaces each layer's branch tensors by ``consolidator_delta`` (ΔW's values on the
+        support, row-major) and ``consolidator_bias`` (Δb = bias delta + branch biases), cast to storage_dtype."""
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         dtype = _STORAGE_DTYPES[config.storage_dtype]
-        for name, layer in unwrap_to_tuner_layers(model, ConsolidatorLayer):
-            if adapter_name not in layer.consolidator_patterns:
-                continue
-            name = name.removeprefix("_fsdp_wrapped_module.")
-            for key in [k for k in selected if k.startswith(f"{name}.consolidator_")]:
-                del selected[key]
-            if config.save_mode == "branches" and adapter_name in layer.consolidator_branches:
-                for i, branch in enumerate(layer.consolidator_branches[adapter_name]):
-                    selected[f"{name}.consolidator_branches.{adapter_name}.{i}.weight"] = branch.weight.detach()
-                    if branch.bias is not None:
-                        selected[f"{name}.consolidator_branches.{adapter_name}.{i}.bias"] = branch.bias.detach()
-                if adapter_name in layer.consolidator_bias:
-                    selected[f"{name}.consolidator_bias.{adapter_name}"] = layer.consolidator_bias[adapter_name].detach()
-                continue
-            with torch.no_grad():
-                values, bias = layer.consolidated_values(adapter_name)
-            selected[f"{name}.consolidator_delta.{adapter_name}"] = values.to(dtype).contiguous()
-            if bias is not None:
-                selected[f"{name}.consolidator_bias.{adapter_name}"] = bias.detach().to(dtype).contiguous()
-        return {k: (v.to(dtype) if ".consolidator_" in k and v.is_floating_point() else v) for k, v in selected.items()}
+        if config.save_mode == "consolidated":
+            for name, layer in unwrap_to_tuner_layers(model, ConsolidatorLayer):
+                if adapter_name not in layer.consolidator_patterns:
+                    continue
+                name = name.removeprefix("_fsdp_wrapped_module.")
+                for key in [k for k in selected if k.startswith(f"{name}.consolidator_")]:
+                    del selected[key]
+                with torch.no_grad():
+                    values, bias = layer.consolidated_values(adapter_name)
+                selected[f"{name}.consolidator_delta.{adapter_name}"] = values
+                if bias is not None:
+                    selected[f"{name}.consolidator_bias.{adapter_name}"] = bias.detach()
+        return {
+            k: (v.to(dtype).contiguous() if ".consolidator_" in k and v.is_floating_point() else v)
+            for k, v in selected.items()
+        }
 
     # -- loading ------------------------------------------------------------------------------------------------
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """Checks the stored tensors against the model's patterns before anything is loaded, and puts layers whose
-        file holds a consolidated delta into the consolidated state."""
+        """Checks every stored tensor against the layers the config built before anything is loaded; on a mismatch
+        removes the half-loaded adapter again and raises."""
         try:
-            plan = _plan_load(model, adapter_name, state_dict)
+            _check_adapter_tensors(model, adapter_name, state_dict)
         except ValueError:
             _undo_injection(model, adapter_name)
             raise
-        for layer, has_bias in plan:
-            layer.to_consolidated(adapter_name, with_bias=has_bias)
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         return {k: _cast_like_model(model, k, v) for k, v in remapped.items()}
 
 
-def _plan_load(model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]):
-    """Layers to switch to the consolidated state; raises ValueError naming the first mismatch found."""
-    checkpoint_layers = {
-        key.split(".consolidator_")[0].removeprefix("base_model.model.") for key in state_dict if ".consolidator_" in key
-    }
-    plan, seen = [], set()
+def _check_adapter_tensors(model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
+    """Every targeted layer must find exactly its adapter tensors in the file, with the shapes its pattern implies
+    (``consolidator_delta`` holds |M| values for a consolidated file). Raises ValueError naming the first mismatch."""
+    by_layer: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        if ".consolidator_" in key:
+            layer_name, _, rest = key.removeprefix("base_model.model.").partition(".consolidator_")
+            by_layer.setdefault(layer_name, {})["consolidator_" + rest] = value
     for name, layer in unwrap_to_tuner_layers(model, ConsolidatorLayer):
         if adapter_name not in layer.consolidator_patterns:
             continue
-        ckpt_name = name.removeprefix("base_model.model.")
-        seen.add(ckpt_name)
-        keys = {k.removeprefix("base_model.model."): v for k, v in state_dict.items()}
-        delta = keys.get(f"{ckpt_name}.consolidator_delta")
-        branch_keys = [k for k in keys if k.startswith(f"{ckpt_name}.consolidator_branches.")]
-        if delta is None and not branch_keys:
+        name = name.removeprefix("base_model.model.")
+        found = by_layer.pop(name, {})
+        expected = {
+            _remove_adapter_name(key, adapter_name): tuple(param.shape)
+            for key, param in layer.named_parameters()
+            if key.startswith("consolidator_") and _belongs_to(key, adapter_name)
+        }
+        missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+        if missing or extra:
             raise ValueError(
-                f"The Consolidator adapter file has no tensors for layer '{ckpt_name}', which its config targets: "
-                "the file is damaged or belongs to another model."
+                f"The Consolidator adapter file does not match layer '{name}' "
+                f"({layer.in_features}->{layer.out_features}): missing {missing or 'nothing'}, unexpected "
+                f"{extra or 'nothing'}. The file is damaged or its adapter_config.json does not describe it."
             )
-        bias = keys.get(f"{ckpt_name}.consolidator_bias")
-        if bias is not None and tuple(bias.shape) != (layer.out_features,):
-            raise ValueError(
-                f"consolidator_bias of layer '{ckpt_name}' has shape {tuple(bias.shape)}, expected "
-                f"({layer.out_features},)."
-            )
-        if delta is not None:
-            expected = layer.consolidator_support[adapter_name].numel()
-            if delta.dim() != 1 or delta.numel() != expected:
+        for key, shape in expected.items():
+            if tuple(found[key].shape) != shape:
                 raise ValueError(
-                    f"consolidator_delta of layer '{ckpt_name}' holds {tuple(delta.shape)} values, but the adapter "
-                    f"config's pattern for this {layer.in_features}->{layer.out_features} layer has {expected}: the "
+                    f"{key} of layer '{name}' ({layer.in_features}->{layer.out_features}) has shape "
+                    f"{tuple(found[key].shape)} in the file, but the adapter config's pattern needs {shape}: the "
                     "file and its adapter_config.json disagree, or the file targets another model."
                 )
-            plan.append((layer, bias is not None))
-            continue
-        for i, branch in enumerate(layer.consolidator_branches[adapter_name]):
-            weight = keys.get(f"{ckpt_name}.consolidator_branches.{i}.weight")
-            if weight is None or weight.shape != branch.weight.shape:
-                found = None if weight is None else tuple(weight.shape)
-                raise ValueError(
-                    f"Branch {i} of layer '{ckpt_name}' has weight shape {found} in the file, expected "
-                    f"{tuple(branch.weight.shape)}."
-                )
-    unknown = sorted(checkpoint_layers - seen)
-    if unknown:
+    if by_layer:
+        unknown = sorted(by_layer)
         raise ValueError(
             f"The Consolidator adapter file has tensors for layers the model does not adapt: {unknown[:5]}"
             f"{' ...' if len(unknown) > 5 else ''}. It belongs to another model or config."
         )
-    return plan
+
+
+def _belongs_to(key: str, adapter_name: str) -> bool:
+    return key.split(".")[1] == adapter_name
+
+
+def _remove_adapter_name(key: str, adapter_name: str) -> str:
+    parts = key.split(".")
+    return ".".join(parts[:1] + parts[2:])
 
 
 def _cast_like_model(model: nn.Module, key: str, value: torch.Tensor) -> torch.Tensor:
@@ -242,6 +239,9 @@ def _undo_injection(model: nn.Module, adapter_name: str) -> None:
     if not isinstance(tuner, BaseTuner):
         return
     if list(tuner.peft_config) == [adapter_name]:
+        for module in tuner.model.modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                module.set_adapter([])  # unload then hands back the original module, not the copy
         tuner.unload()
         tuner.peft_config.pop(adapter_name, None)
     else:
