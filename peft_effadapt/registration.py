@@ -62,18 +62,17 @@ def register(name: str, config_cls: type, model_cls: type) -> None:
     prefix = f"{name}_"
     if getattr(model_cls, "prefix", None) != prefix:
         raise ValueError(f"{model_cls.__name__}.prefix must be {prefix!r}, got {getattr(model_cls, 'prefix', None)!r}.")
-    peft_type = add_peft_type(name.upper())
-
-    registered_config = PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type)
-    registered_model = PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type)
+    member = PeftType.__members__.get(name.upper())
+    registered_config = PEFT_TYPE_TO_CONFIG_MAPPING.get(member) if member is not None else None
+    registered_model = PEFT_TYPE_TO_TUNER_MAPPING.get(member) if member is not None else None
     if registered_config is not None or registered_model is not None:
         if _same_class(registered_config, config_cls) and _same_class(registered_model, model_cls):
             # Same classes (or the same classes re-created by a module reload): point peft at the newest objects.
-            PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
-            PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = model_cls
+            PEFT_TYPE_TO_CONFIG_MAPPING[member] = config_cls
+            PEFT_TYPE_TO_TUNER_MAPPING[member] = model_cls
             return
         raise ValueError(
-            f"PEFT type {peft_type.value} is already registered with {registered_config!r}/{registered_model!r}; "
+            f"PEFT type {member.value} is already registered with {registered_config!r}/{registered_model!r}; "
             f"refusing to replace it with {config_cls!r}/{model_cls!r}."
         )
     # peft matches adapter keys by substring of the prefix, so a prefix that contains or is contained in another
@@ -81,6 +80,7 @@ def register(name: str, config_cls: type, model_cls: type) -> None:
     for other_type, other_prefix in PEFT_TYPE_TO_PREFIX_MAPPING.items():
         if other_prefix and (other_prefix in prefix or prefix in other_prefix):
             raise ValueError(f"Prefix {prefix!r} collides with {other_prefix!r} of PEFT type {other_type}.")
+    add_peft_type(name.upper())
     register_peft_method(name=name, config_cls=config_cls, model_cls=model_cls, prefix=prefix)
 
 

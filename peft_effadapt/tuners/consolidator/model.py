@@ -159,6 +159,12 @@ class ConsolidatorModel(BaseTuner):
             for k, v in selected.items()
         }
 
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        # Branch tensors sit one level deeper than peft expects (consolidator_branches.<adapter>.<i>.weight).
+        key = key.replace(f".consolidator_branches.{adapter_name}.", ".consolidator_branches.")
+        return super()._remove_adapter_name_from_key(key, adapter_name)
+
     # -- loading ------------------------------------------------------------------------------------------------
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
