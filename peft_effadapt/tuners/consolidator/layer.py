@@ -24,19 +24,25 @@ class ConsolidatorBranch(nn.Module):
                 nn.init.uniform_(tensor, -init_range, init_range)
         self.aligned = pattern.is_block_aligned()
         index = pattern.grouped_input_index() if self.aligned else None
-        self.register_buffer("input_index", index, persistent=False)
+        self.input_slice = index if isinstance(index, slice) else None
+        self.register_buffer("input_index", index if isinstance(index, torch.Tensor) else None, persistent=False)
         self.register_buffer("columns", None if self.aligned else pattern.columns(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.aligned:  # groups straddle the q/k/v boundary of a fused layer: masked dense delta
             return F.linear(x, self.dense_weight(), self.bias)
-        if self.input_index is not None:
+        if self.input_slice is not None:
+            x = x[..., self.input_slice]
+        elif self.input_index is not None:
             x = x.index_select(-1, self.input_index)
         so, si = self.pattern.out_per_group, self.pattern.in_per_group
         groups = self.pattern.out_features // so
-        y = torch.einsum("...gi,goi->...go", x.unflatten(-1, (groups, si)), self.weight.view(groups, so, si))
-        y = y.flatten(-2)
-        return y if self.bias is None else y + self.bias
+        # One small matmul per group, batched: [g, tokens, si] @ [g, si, so]. bmm (unlike einsum's small-size
+        # path) is on the autocast lists, so the branch runs in bf16/fp16 under mixed precision.
+        tokens = x.reshape(-1, groups, si).transpose(0, 1)
+        y = torch.bmm(tokens, self.weight.view(groups, so, si).transpose(1, 2).to(tokens.dtype))
+        y = y.transpose(0, 1).reshape(*x.shape[:-1], self.pattern.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def dense_weight(self) -> torch.Tensor:
         return self.pattern.dense(self.weight)

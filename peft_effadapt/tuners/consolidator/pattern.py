@@ -74,14 +74,15 @@ class BranchPattern:
         so = self.out_per_group
         return self.row_offset % so == 0 and self.out_features % so == 0
 
-    def grouped_input_index(self) -> torch.Tensor | None:
-        """Input channels, in group order, read by the real rows (block-aligned case); None when it is all of them
-        in natural order, so that no gather is needed."""
+    def grouped_input_index(self) -> torch.Tensor | slice | None:
+        """Input channels, in group order, read by the real rows (block-aligned case): None when that is every
+        channel in natural order, a slice when it is a contiguous range (a view, no copy), else an index tensor."""
         first = self.row_offset // self.out_per_group
         count = self.out_features // self.out_per_group
-        index = self.input_order()[first * self.in_per_group : (first + count) * self.in_per_group]
-        if index.numel() == self.in_features and torch.equal(index, torch.arange(self.in_features)):
-            return None
+        start, stop = first * self.in_per_group, (first + count) * self.in_per_group
+        index = self.input_order()[start:stop]
+        if torch.equal(index, torch.arange(start, stop)):
+            return None if (start, stop) == (0, self.in_features) else slice(start, stop)
         return index
 
     def dense(self, values: torch.Tensor) -> torch.Tensor:
