@@ -18,8 +18,9 @@ from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
 from transformers import ViTConfig, ViTForImageClassification
 
-from common import interleaved_medians, write_result
 from peft_effadapt import ConsolidatorConfig
+
+from common import interleaved_medians, write_result
 
 BLOCK_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 from huggingface_hub import hf_hub_download
 from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
@@ -12,7 +11,7 @@ from safetensors import safe_open
 _DOWNLOAD_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download")
 
 
-def check_adapter_weights(path_or_repo: str, subfolder: Optional[str] = None, **download_kwargs) -> Optional[str]:
+def check_adapter_weights(path_or_repo: str, subfolder: str | None = None, **download_kwargs) -> str | None:
     """Returns the local path of ``adapter_model.safetensors`` after reading every tensor in it.
 
     Raises ``ValueError`` naming the file when it is truncated, is not a safetensors file, or when only a pickled
@@ -49,7 +48,7 @@ class VerifiedAdapterFilesMixin:
     ``PeftModel.from_pretrained`` / ``load_adapter`` fail before they inject anything into the user's model."""
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         check_adapter_weights(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         return config

@@ -316,3 +316,28 @@ def test_safe_merge_refuses_non_finite_delta():
     with pytest.raises(ValueError, match="NaNs or infs"):
         model.merge_adapter(safe_merge=True)
     assert torch.equal(fc1.base_layer.weight, before)
+
+
+def test_config_that_disagrees_with_the_file_is_refused_and_model_untouched(tmp_path):
+    import json
+
+    get_peft_model(tiny_vit(), ConsolidatorConfig(fc_groups=[16])).save_pretrained(tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["fc_groups"] = [8]  # a pattern with twice the values per row
+    config_file.write_text(json.dumps(config))
+    model = tiny_vit()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"consolidator_delta of layer 'vit\.layers\.0\.attention\.q_proj'.*\(64,\)"):
+        PeftModel.from_pretrained(model, tmp_path)
+    assert not any("consolidator" in name or "modules_to_save" in name for name, _ in model.named_modules())
+    assert set(model.state_dict()) == set(before)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_pickled_adapter_file_is_refused(tmp_path):
+    model = get_peft_model(tiny_vit(), ConsolidatorConfig(fc_groups=[16]))
+    model.save_pretrained(tmp_path, safe_serialization=False)
+    assert not (tmp_path / "adapter_model.safetensors").exists()
+    with pytest.raises(ValueError, match="never unpickles"):
+        PeftModel.from_pretrained(tiny_vit(), tmp_path)

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
@@ -25,7 +25,7 @@ class ConsolidatorConfig(VerifiedAdapterFilesMixin, PeftConfig):
     LayerNorm tuned.
     """
 
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None,
         metadata={
             "help": "Linear layers to adapt (names, suffixes or a regex). None: the block Linears of the model type "
@@ -33,10 +33,10 @@ class ConsolidatorConfig(VerifiedAdapterFilesMixin, PeftConfig):
             "fc1, fc2)."
         },
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Names or regex of modules to leave alone."}
     )
-    fc_groups: Optional[list[int]] = field(
+    fc_groups: list[int] | None = field(
         default=None,
         metadata={
             "help": "Group count of each branch, e.g. [384] (one branch) or [8, 4] (two). None: one branch with "
@@ -44,7 +44,7 @@ class ConsolidatorConfig(VerifiedAdapterFilesMixin, PeftConfig):
             "(384 on ViT-B, the official setting). Each count must divide the layer's in and out features."
         },
     )
-    channel_shuffle: Union[bool, list[bool]] = field(
+    channel_shuffle: bool | list[bool] = field(
         default=False,
         metadata={"help": "ShuffleNet-style channel reorder before each branch (bool for all, or one per branch)."},
     )
@@ -74,7 +74,7 @@ class ConsolidatorConfig(VerifiedAdapterFilesMixin, PeftConfig):
     train_layernorm: bool = field(
         default=True, metadata={"help": "Tune every LayerNorm of the model (added to modules_to_save)."}
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Extra modules trained and saved in full, e.g. ['classifier']."}
     )
     save_mode: Literal["consolidated", "branches"] = field(
@@ -95,10 +95,10 @@ class ConsolidatorConfig(VerifiedAdapterFilesMixin, PeftConfig):
     storage_dtype: Literal["float32", "float16", "bfloat16"] = field(
         default="float32", metadata={"help": "dtype of the stored delta and bias values."}
     )
-    layers_to_transform: Optional[Union[list[int], int]] = field(
+    layers_to_transform: list[int] | int | None = field(
         default=None, metadata={"help": "Only adapt these layer indices."}
     )
-    layers_pattern: Optional[Union[list[str], str]] = field(
+    layers_pattern: list[str] | str | None = field(
         default=None, metadata={"help": "Name of the layer list when layers_to_transform is set, e.g. 'layers'."}
     )
     init_weights: bool = field(

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +70,7 @@ class ConsolidatorLayer(BaseTunerLayer):
         self.consolidator_patterns: dict[str, list[BranchPattern]] = {}
         self.consolidator_rep_drop: dict[str, float] = {}
         self.consolidator_support: dict[str, torch.Tensor] = {}
-        self._merged_deltas: dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
+        self._merged_deltas: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self.in_features = base_layer.in_features
@@ -126,14 +126,14 @@ class ConsolidatorLayer(BaseTunerLayer):
         return params
 
     # -- the consolidated delta -------------------------------------------------------------------------------
-    def consolidated_values(self, adapter_name: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def consolidated_values(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(values of ΔW on the support in row-major order, Δb or None), in eval semantics."""
         delta_w, delta_b = self.delta_weight_and_bias(adapter_name)
         return delta_w.flatten()[self.consolidator_support[adapter_name].to(delta_w.device)], delta_b
 
-    def delta_weight_and_bias(self, adapter_name: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def delta_weight_and_bias(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Dense ΔW ``[Dout, Din]`` and Δb of one adapter (DropPath = identity)."""
-        bias = self.consolidator_bias[adapter_name] if adapter_name in self.consolidator_bias else None
+        bias = self.consolidator_bias.get(adapter_name, None)
         if adapter_name in self.consolidator_delta:
             values = self.consolidator_delta[adapter_name]
             index = self.consolidator_support[adapter_name].to(values.device)
@@ -147,7 +147,7 @@ class ConsolidatorLayer(BaseTunerLayer):
         return delta_w, bias
 
     # -- merging ----------------------------------------------------------------------------------------------
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         adapter_names = check_adapters_to_merge(self, adapter_names)
         if not adapter_names:
             return
@@ -182,7 +182,7 @@ class ConsolidatorLayer(BaseTunerLayer):
 
     def unmerge(self) -> None:
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         base = self.get_base_layer()
         while self.merged_adapters:
@@ -217,7 +217,7 @@ class ConsolidatorLinear(nn.Module, ConsolidatorLayer):
         for name in self.active_adapters:
             if name not in self.consolidator_patterns:
                 continue
-            bias = self.consolidator_bias[name] if name in self.consolidator_bias else None
+            bias = self.consolidator_bias.get(name, None)
             if name in self.consolidator_delta:
                 delta_w, _ = self.delta_weight_and_bias(name)
                 xa = self._cast_input_dtype(x, delta_w.dtype)
