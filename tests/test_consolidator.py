@@ -341,3 +341,15 @@ def test_pickled_adapter_file_is_refused(tmp_path):
     assert not (tmp_path / "adapter_model.safetensors").exists()
     with pytest.raises(ValueError, match="never unpickles"):
         PeftModel.from_pretrained(tiny_vit(), tmp_path)
+
+
+def test_train_layernorm_covers_only_the_adapted_towers():
+    from peft_effadapt.testing import tiny_clip
+
+    vision_only = ConsolidatorConfig(fc_groups=[8], target_modules=r"vision_model\..*(q_proj|k_proj|v_proj|out_proj|fc1|fc2)")
+    model = get_peft_model(tiny_clip(), vision_only)
+    saved = set(model.peft_config["default"].modules_to_save)
+    assert "vision_model.post_layernorm" in saved and "vision_model.encoder.layers.0.layer_norm1" in saved
+    assert not any(name.startswith("text_model") for name in saved)
+    both = get_peft_model(tiny_clip(), ConsolidatorConfig(fc_groups=[8]))
+    assert "text_model.final_layer_norm" in both.peft_config["default"].modules_to_save

@@ -54,10 +54,12 @@ class ConsolidatorModel(BaseTuner):
         for name, module in targets:
             self._branch_patterns(config, name, module)  # raises on a bad group count
         if config.train_layernorm:
+            # Every LayerNorm of the adapted towers ("vit", "vision_model", "text_model", or the whole model).
+            towers = {_tower_of(name) for name, _ in targets}
             layernorms = [
                 name
                 for name, module in model.named_modules()
-                if isinstance(module, nn.LayerNorm) and not isinstance(module, BaseTunerLayer)
+                if isinstance(module, nn.LayerNorm) and any(name.startswith(tower) for tower in towers)
                 and ".modules_to_save." not in name and ".original_module" not in name
             ]
             existing = list(config.modules_to_save or [])
@@ -226,6 +228,16 @@ def _belongs_to(key: str, adapter_name: str) -> bool:
 def _remove_adapter_name(key: str, adapter_name: str) -> str:
     parts = key.split(".")
     return ".".join(parts[:1] + parts[2:])
+
+
+def _tower_of(module_name: str) -> str:
+    """The path of the transformer a block Linear belongs to: everything before its `layers` list (with a trailing
+    dot), e.g. 'vision_model.' for 'vision_model.encoder.layers.0.mlp.fc1'; '' when there is no such list."""
+    parts = module_name.split(".")
+    for i, part in enumerate(parts):
+        if part in ("layers", "layer", "encoder"):
+            return "".join(p + "." for p in parts[:i])
+    return ""
 
 
 def _cast_like_model(model: nn.Module, key: str, value: torch.Tensor) -> torch.Tensor:
