@@ -55,7 +55,7 @@ def load_tiny(args):
     from peft_effadapt.testing import checkpoint_path, make_classification_dataset
     from peft_effadapt.testing.processing import ShapesImageProcessor
 
-    name = args.dataset if args.dataset != "cifar100" else "sketches"
+    name = args.dataset if args.dataset != "cifar100" else "drawings"
     train = make_classification_dataset(name, "train")
     test = make_classification_dataset(name, "test")
     labels = train.features["label"].names

@@ -15,7 +15,7 @@ from peft.utils import PeftType, register_peft_method
 
 # Every PEFT type this package defines or will define. Reserved at import so that an adapter_config.json naming any
 # of them resolves to a member (and to a clear "not registered" error rather than a bare KeyError).
-PEFT_TYPE_NAMES: tuple[str, ...] = ("CONSOLIDATOR", "RLP", "QPROMPT", "PYRA", "TEMPME", "COOP")
+PEFT_TYPE_NAMES: tuple[str, ...] = ("CONSOLIDATOR", "RLP", "QPROMPT", "PYRA", "TEMPME", "COOP", "TOME")
 
 
 def add_peft_type(name: str) -> PeftType:

@@ -12,7 +12,7 @@ import torch
 from peft import PeftConfig
 from torch import nn
 
-from peft_effadapt import ConsolidatorConfig
+from peft_effadapt import ConsolidatorConfig, CoOpConfig, RLPConfig
 from peft_effadapt.testing import tiny_clip, tiny_clip_vision, tiny_pixel_values, tiny_text_inputs, tiny_vit
 
 
@@ -26,6 +26,7 @@ class MethodCase:
     train_loss: Callable[[object], torch.Tensor] = field(default=lambda out: out.float().pow(2).mean())
     mergeable: bool = True
     auto_class: str = "AutoPeftModel"
+    weight_free: bool = False  # the adapter file holds no tensors of the method itself (e.g. ToMe): nothing to damage
 
 
 def _vit_inputs():
@@ -34,6 +35,25 @@ def _vit_inputs():
 
 def _clip_inputs():
     return {"pixel_values": tiny_pixel_values(batch=2), **tiny_text_inputs(batch=3)}
+
+
+# CLIP text prompts in placeholder format for the prompt methods (tiny CLIP: BOS=1, EOS=2, PAD=0): "[BOS] X X X X
+# {class}. [EOS]" with placeholder id 7, "." = 5, classes [20], [21, 22], [23, 24, 25]; context from ids 10..13.
+PROMPT_PLACEHOLDER_ID = 7
+PROMPT_CTX_INIT_IDS = [10, 11, 12, 13]
+
+
+def _prompt_inputs():
+    rows = [[1] + [PROMPT_PLACEHOLDER_ID] * 4 + cls + [5, 2] for cls in ([20], [21, 22], [23, 24, 25])]
+    ids = torch.zeros(3, max(map(len, rows)), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+    return {"pixel_values": tiny_pixel_values(batch=2), "input_ids": ids, "attention_mask": mask}
+
+
+def _prompt_kwargs():
+    return dict(ctx_init_token_ids=list(PROMPT_CTX_INIT_IDS), placeholder_token_id=PROMPT_PLACEHOLDER_ID)
 
 
 CASES = [
@@ -64,6 +84,64 @@ CASES = [
         id="consolidator-clip-vision",
         make_model=lambda: tiny_clip_vision(seed=0),
         make_config=lambda **kw: ConsolidatorConfig(fc_groups=[4], channel_shuffle=True, **kw),
+        make_inputs=lambda: {"pixel_values": tiny_pixel_values(batch=2)},
+        output=lambda out: out.pooler_output,
+    ),
+    MethodCase(
+        id="rlp-clip",
+        make_model=lambda: tiny_clip(seed=0),
+        make_config=lambda **kw: RLPConfig(rank=2, lowrank_dropout=0.0, **_prompt_kwargs(), **kw),
+        make_inputs=_prompt_inputs,
+        output=lambda out: out.logits_per_image,
+    ),
+    MethodCase(
+        id="coop-clip",
+        make_model=lambda: tiny_clip(seed=0),
+        make_config=lambda **kw: CoOpConfig(**_prompt_kwargs(), **kw),
+        make_inputs=_prompt_inputs,
+        output=lambda out: out.logits_per_image,
+    ),
+]
+
+
+# -- token merging (issue 6): ToMe (weight-free) and PYRA ---------------------------------------------------------
+from peft_effadapt import ToMeConfig  # noqa: E402
+
+CASES += [
+    MethodCase(
+        id="tome-vit-cls",
+        make_model=lambda: tiny_vit(seed=0),
+        make_config=lambda **kw: ToMeConfig(merge_schedule=[4, 4], modules_to_save=["classifier"], **kw),
+        make_inputs=_vit_inputs,
+        output=lambda out: out.logits,
+        weight_free=True,
+    ),
+    MethodCase(
+        id="tome-clip",
+        make_model=lambda: tiny_clip(seed=0),
+        make_config=lambda **kw: ToMeConfig(merge_schedule=[4, 3], modules_to_save=["visual_projection"], **kw),
+        make_inputs=_clip_inputs,
+        output=lambda out: out.logits_per_image,
+        weight_free=True,
+    ),
+]
+
+from peft_effadapt import PYRAConfig  # noqa: E402
+
+CASES += [
+    MethodCase(
+        id="pyra-vit-cls",
+        make_model=lambda: tiny_vit(seed=0),
+        make_config=lambda **kw: PYRAConfig(
+            merge_schedule=[4, 4], lora_r=4, lora_dropout=0.0, modules_to_save=["classifier"], **kw
+        ),
+        make_inputs=_vit_inputs,
+        output=lambda out: out.logits,
+    ),
+    MethodCase(
+        id="pyra-clip-vision-unshared",
+        make_model=lambda: tiny_clip_vision(seed=0),
+        make_config=lambda **kw: PYRAConfig(merge_schedule="high", lora_r=2, lora_shared_qkv_a=False, **kw),
         make_inputs=lambda: {"pixel_values": tiny_pixel_values(batch=2)},
         output=lambda out: out.pooler_output,
     ),

@@ -204,6 +204,8 @@ def test_no_matching_target_is_rejected_and_model_untouched(case):
 @parametrize
 @pytest.mark.parametrize("damage", ["truncated", "not-safetensors", "missing-tensor", "wrong-shape", "foreign-type"])
 def test_damaged_adapter_is_rejected_and_model_untouched(case, damage, tmp_path):
+    if case.weight_free and damage in ("missing-tensor", "wrong-shape"):
+        pytest.skip("the adapter file holds no tensors of this weight-free method")
     model = get_peft_model(case.make_model(), case.make_config(init_weights=False))
     model.save_pretrained(tmp_path)
     weights = tmp_path / "adapter_model.safetensors"

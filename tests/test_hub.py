@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from fake_hub import FakeHub
 from huggingface_hub import ModelCard
 from peft import get_peft_model
 from safetensors.torch import save_file
 
-from fake_hub import FakeHub
-from method_cases import CASES
 from peft_effadapt.hub import push_adapter_to_hub, render_model_card
+
+from method_cases import CASES
 
 HERE = Path(__file__).parent
 LOAD_BY_REPO_ID = """

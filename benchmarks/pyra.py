@@ -1,0 +1,262 @@
+"""PYRA vs LoRA and LoRA + ToMe: accuracy against GFLOPs on the testbed ViT, and CPU speed on a ViT-B/16 shape.
+
+(a) Accuracy vs compute. The bundled tiny ViT (`load_tiny_vit()`: 32x32 images, patch 4 -> 65 tokens, 4 layers)
+    is adapted to a shifted downstream set (default `clutter`) with a new head and
+    * LoRA without merging         PYRAConfig(merge_schedule=0): LoRA r=8 on q/k/v (shared A, scale 1)
+    * LoRA + ToMe (low / high)     PYRA with the modulation frozen at identity (W_D = 0): exactly LoRA + ToMe
+    * PYRA (low / high)            the full method
+    GFLOPs: torch.utils.flop_counter.FlopCounterMode, eager attention, one image, after merge_and_unload (LoRA
+    folded: the deployed model). The claim checked: PYRA keeps more accuracy than LoRA + ToMe at equal compression.
+    If the bundled checkpoint is absent the script pretrains the same architecture on `shapes` first (--pretrain-steps).
+(b) Speed (--speed): ViT-B/16-shaped ViTForImageClassification, random weights, batch 8, 224x224, inference:
+    images/s of ToMe r=16 and of merged PYRA low/high relative to the unmerged model and to ToMe r=16.
+
+    python benchmarks/pyra.py [--threads 1] [--task clutter] [--epochs 15] [--seeds 0 1] [--speed] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+
+import numpy as np
+import torch
+from peft import get_peft_model
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import ViTConfig, ViTForImageClassification
+
+from peft_effadapt import PYRAConfig, ToMeConfig, pyra_param_groups
+from peft_effadapt.testing import CLASSIFICATION_SETS, make_classification_dataset
+from peft_effadapt.testing.processing import ShapesImageProcessor, dataset_images
+
+from common import RESULTS, interleaved_medians, write_result
+
+METHODS = {
+    "lora": dict(merge_schedule=0, freeze_modulation=False),
+    "lora+tome-low": dict(merge_schedule="low", freeze_modulation=True),
+    "pyra-low": dict(merge_schedule="low", freeze_modulation=False),
+    "lora+tome-high": dict(merge_schedule="high", freeze_modulation=True),
+    "pyra-high": dict(merge_schedule="high", freeze_modulation=False),
+}
+
+
+# -- data and backbone --------------------------------------------------------------------------------------------
+def tensors(name: str, split: str, processor, seed: int = 0, n_per_class=None):
+    data = make_classification_dataset(name, split, seed=seed, n_per_class=n_per_class)
+    return processor.to_pixel_values(dataset_images(data)), torch.as_tensor(np.asarray(data["label"]))
+
+
+def backbone(args) -> tuple[str, ViTForImageClassification, ShapesImageProcessor]:
+    try:
+        from peft_effadapt.testing import load_tiny_vit
+
+        model, processor = load_tiny_vit()
+        return "bundled tiny_vit", model, processor
+    except (FileNotFoundError, ValueError) as err:
+        print(f"bundled tiny ViT not available ({err}); pretraining the same architecture on 'shapes'")
+    torch.manual_seed(0)
+    names = CLASSIFICATION_SETS["shapes"].class_names
+    config = ViTConfig(hidden_size=96, num_hidden_layers=4, num_attention_heads=4, intermediate_size=192,
+                       image_size=32, patch_size=4, num_labels=len(names))
+    model = ViTForImageClassification(config)
+    processor = ShapesImageProcessor()
+    x, y = tensors("shapes", "train", processor, n_per_class=args.pretrain_per_class)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 1e-3, total_steps=args.pretrain_steps, pct_start=0.1)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _step in range(args.pretrain_steps):
+        idx = torch.randint(0, len(y), (64,), generator=generator)
+        loss = torch.nn.functional.cross_entropy(model(pixel_values=x[idx]).logits, y[idx])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+    return f"tiny ViT pretrained here ({args.pretrain_steps} steps on shapes)", model.eval(), processor
+
+
+def with_new_head(model: ViTForImageClassification, num_labels: int, seed: int) -> ViTForImageClassification:
+    model = copy.deepcopy(model)
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(model.config.hidden_size, num_labels)
+    torch.nn.init.trunc_normal_(head.weight, std=0.02)
+    torch.nn.init.zeros_(head.bias)
+    model.classifier = head
+    model.config.num_labels = num_labels
+    return model
+
+
+# -- (a) accuracy vs GFLOPs ---------------------------------------------------------------------------------------
+def accuracy(model, x, y, batch: int = 256) -> float:
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(y), batch):
+            correct += (model(pixel_values=x[i : i + batch]).logits.argmax(-1) == y[i : i + batch]).sum().item()
+    return correct / len(y)
+
+
+def gflops(model, image_size: int) -> float:
+    model = copy.deepcopy(model).eval()
+    model.set_attn_implementation("eager") if hasattr(model, "set_attn_implementation") else None
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(pixel_values=torch.randn(1, 3, image_size, image_size))
+    return counter.get_total_flops() / 1e9
+
+
+def adapt(base, method: dict, data, args, seed: int):
+    (x, y), (xt, yt) = data
+    torch.manual_seed(seed)
+    model = get_peft_model(base, PYRAConfig(merge_schedule=method["merge_schedule"], lora_r=args.rank,
+                                            modules_to_save=["classifier"]))
+    if method["freeze_modulation"]:
+        for name, p in model.named_parameters():
+            if any(k in name for k in (".pyra_w_r.", ".pyra_w_d.", ".pyra_norm.")):
+                p.requires_grad_(False)  # W_D stays 0: the modulation is the identity, i.e. LoRA + ToMe
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    optimizer = torch.optim.AdamW(pyra_param_groups(model, lr=args.lr, weight_decay=1e-4))
+    steps_per_epoch = math.ceil(len(y) / args.batch)
+    total = args.epochs * steps_per_epoch
+    warmup = max(1, total // 10)
+    def lr_factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    generator = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    for _epoch in range(args.epochs):
+        model.train()
+        for idx in torch.randperm(len(y), generator=generator).split(args.batch):
+            loss = torch.nn.functional.cross_entropy(model(pixel_values=x[idx]).logits, y[idx])
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad()
+    train_seconds = time.perf_counter() - start
+    acc = accuracy(model, xt, yt)
+    deployed = model.merge_and_unload()
+    acc_deployed = accuracy(deployed, xt, yt)
+    return {"accuracy": acc, "accuracy_merged": acc_deployed, "train_seconds": round(train_seconds, 1),
+            "gflops": gflops(deployed, x.shape[-1]),
+            "trainable": trainable,
+            "layer_schedule": model.peft_config["default"].layer_schedule}
+
+
+def run_accuracy(args) -> dict:
+    source, base, processor = backbone(args)
+    names = CLASSIFICATION_SETS[args.task].class_names
+    data = (tensors(args.task, "train", processor, n_per_class=args.train_per_class),
+            tensors(args.task, "test", processor))
+    results = {"backbone": source, "task": args.task, "classes": len(names), "tokens": (32 // 4) ** 2 + 1,
+               "base_gflops": gflops(base, 32), "methods": {}}
+    if tuple(names) == tuple(CLASSIFICATION_SETS["shapes"].class_names):  # same classes: the pretrained head applies
+        results["backbone_accuracy_before_adaptation"] = accuracy(base, *data[1])
+        shapes_test = tensors("shapes", "test", processor)
+        results["backbone_accuracy_on_shapes"] = accuracy(base, *shapes_test)
+        print(f"backbone before adaptation: {results['backbone_accuracy_before_adaptation']:.3f} on {args.task}, "
+              f"{results['backbone_accuracy_on_shapes']:.3f} on shapes")
+    for name, method in METHODS.items():
+        runs = [adapt(with_new_head(base, len(names), seed), method, data, args, seed) for seed in args.seeds]
+        summary = {key: float(np.mean([r[key] for r in runs])) for key in ("accuracy", "accuracy_merged", "gflops")}
+        summary.update(accuracy_std=float(np.std([r["accuracy"] for r in runs])), trainable=runs[0]["trainable"],
+                       layer_schedule=runs[0]["layer_schedule"], runs=runs)
+        results["methods"][name] = summary
+        print(f"{name:16s} acc {summary['accuracy']:.3f} ± {summary['accuracy_std']:.3f} "
+              f"(merged {summary['accuracy_merged']:.3f})  {summary['gflops'] * 1e3:.2f} MFLOPs")
+    return results
+
+
+# -- (b) speed ----------------------------------------------------------------------------------------------------
+def run_speed(args) -> dict:
+    torch.manual_seed(0)
+    base = ViTForImageClassification(ViTConfig(num_labels=10)).eval()
+    models = {"unmerged": base}
+    models["tome-r16"] = get_peft_model(copy.deepcopy(base), ToMeConfig(merge_schedule=16, clamp_schedule=True)).merge_and_unload()
+    for preset in ("low", "high"):
+        pyra = get_peft_model(copy.deepcopy(base), PYRAConfig(merge_schedule=preset, init_weights=False))
+        models[f"pyra-{preset}"] = pyra.merge_and_unload()
+    x = torch.randn(args.speed_batch, 3, 224, 224)
+
+    def runner(model):
+        def run():
+            with torch.no_grad():
+                model(pixel_values=x)
+        return run
+
+    seconds = interleaved_medians({k: runner(m) for k, m in models.items()}, repeats=args.repeats, warmup=1)
+    ips = {k: args.speed_batch / s for k, s in seconds.items()}
+    result = {
+        "model": "ViT-B/16 shape (random weights), fp32, sdpa",
+        "batch": args.speed_batch,
+        "images_per_second": {k: round(v, 2) for k, v in ips.items()},
+        "vs_unmerged": {k: round(v / ips["unmerged"], 3) for k, v in ips.items()},
+        "vs_tome_r16": {k: round(v / ips["tome-r16"], 3) for k, v in ips.items()},
+        "gmacs": {k: round(gflops(m, 224) / 2, 2) for k, m in models.items()},
+    }
+    print(result)
+    return result
+
+
+def plot(results: dict, path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (the numbers are in the JSON)")
+        return False
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, summary in results["methods"].items():
+        ax.errorbar(summary["gflops"] * 1e3, summary["accuracy"] * 100, yerr=summary["accuracy_std"] * 100,
+                    fmt="o", label=name, capsize=3)
+    ax.set_xlabel("MFLOPs per image (merged, eager)")
+    ax.set_ylabel(f"test accuracy on {results['task']} (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--task", default="clutter", choices=sorted(CLASSIFICATION_SETS))
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--train-per-class", type=int, default=64)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--pretrain-steps", type=int, default=800)
+    parser.add_argument("--pretrain-per-class", type=int, default=400)
+    parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--speed", action="store_true", help="also time a ViT-B/16 shape (slow on CPU)")
+    parser.add_argument("--speed-batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    payload = {"args": vars(args)}
+    previous = RESULTS / "pyra.json"
+    if args.skip_accuracy and previous.exists():  # keep the last accuracy run next to a new speed run
+        old = json.loads(previous.read_text())
+        for key in ("accuracy_vs_flops", "plot"):
+            if key in old:
+                payload[key] = {**old[key], "command": old.get("command")} if isinstance(old[key], dict) else old[key]
+    if not args.skip_accuracy:
+        payload["accuracy_vs_flops"] = run_accuracy(args)
+        if plot(payload["accuracy_vs_flops"], RESULTS / "pyra.png"):
+            payload["plot"] = "benchmarks/results/pyra.png"
+    if args.speed:
+        payload["speed"] = run_speed(args)
+    write_result("pyra", payload)
+
+
+if __name__ == "__main__":
+    main()

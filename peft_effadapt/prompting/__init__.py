@@ -1,0 +1,32 @@
+"""CLIP text-prompt core shared by the prompt methods (CoOp, RLP): context rows written at placeholder positions
+after BOS in the token embeddings of `text_model.embeddings`, input_ids untouched (EOS pooling and the causal mask
+unchanged), merged into the position-embedding table where exact (unified context)."""
+
+from .config import ContextPromptConfig
+from .layer import ContextPromptLayer, PromptSlots, prompt_rows, write_context
+from .text import (
+    PromptBatch,
+    context_token_ids,
+    placeholder_prompt_ids,
+    single_token_id,
+    special_ids,
+    template_prompt_ids,
+)
+from .tuner import ContextPromptTuner, active_prompt_config, find_text_embeddings
+
+__all__ = [
+    "ContextPromptConfig",
+    "ContextPromptLayer",
+    "ContextPromptTuner",
+    "PromptBatch",
+    "PromptSlots",
+    "active_prompt_config",
+    "context_token_ids",
+    "find_text_embeddings",
+    "placeholder_prompt_ids",
+    "prompt_rows",
+    "single_token_id",
+    "special_ids",
+    "template_prompt_ids",
+    "write_context",
+]

@@ -1,0 +1,266 @@
+"""CLIP zero-shot / prompt-learned image classification: class names and a template in, logits out."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from transformers.utils import ModelOutput
+
+from ..prompting import ContextPromptLayer, active_prompt_config, placeholder_prompt_ids, template_prompt_ids
+from ..prompting.text import PromptBatch, pad_rows
+
+
+@dataclass
+class CLIPClassifierOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
+def _features(output) -> torch.Tensor:
+    """`get_text_features`/`get_image_features` return a ModelOutput in transformers 5.x: take `pooler_output`."""
+    return output if torch.is_tensor(output) else output.pooler_output
+
+
+def _clip_of(model: nn.Module) -> nn.Module:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not hasattr(base, "get_text_features") or not hasattr(base, "get_image_features"):
+        raise TypeError(
+            f"CLIPZeroShotClassifier needs a CLIPModel (or a PeftModel around one), got {type(base).__name__}."
+        )
+    return base
+
+
+class CLIPZeroShotClassifier(nn.Module):
+    """Classifies images against a list of class names with a CLIP model.
+
+    - plain `CLIPModel` (or a PeftModel with its adapter disabled / of another method): prompts are
+      `template.format(name)` (zero-shot CLIP);
+    - PeftModel with an active CoOp/RLP adapter: prompts are "[BOS] X*n {name}{suffix} [EOS]" and the adapter writes
+      its context at the placeholders.
+
+    `forward(pixel_values, labels=None)` returns `loss` (cross-entropy) and `logits` = exp(logit_scale) * cos, so the
+    classifier trains under `transformers.Trainer`. Text features are cached in eval mode and recomputed whenever
+    the class names, any text-tower or adapter parameter (in-place updates, loads), the active adapter, the
+    disabled state or the merge state change.
+
+    Tokenizer-free use (tests, custom vocabularies): pass `class_token_ids` (ids of "{name}{suffix}" per class),
+    `template_token_ids` (ids of the template's words before the class, for the zero-shot prompts) and
+    `special_token_ids=(bos, eos, pad)`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer=None,
+        class_names: Sequence[str] | None = None,
+        template: str = "a photo of a {}.",
+        *,
+        class_token_ids: list[list[int]] | None = None,
+        template_token_ids: list[int] | None = None,
+        special_token_ids: tuple[int, int, int] | None = None,
+    ) -> None:
+        super().__init__()
+        _clip_of(model)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template = template
+        self.template_token_ids = template_token_ids
+        self.special_token_ids = special_token_ids
+        self.class_names: list[str] = []
+        self.class_token_ids = None
+        self._cache: tuple[tuple, torch.Tensor, list] | None = None
+        if class_names is not None or class_token_ids is not None:
+            self.set_class_names(class_names, class_token_ids=class_token_ids)
+
+    # -- class names ----------------------------------------------------------------------------------------------
+    def set_class_names(self, class_names: Sequence[str] | None = None, template: str | None = None, *,
+                        class_token_ids: list[list[int]] | None = None) -> None:
+        if class_token_ids is None and self.tokenizer is None:
+            raise ValueError("give a tokenizer, or class_token_ids for tokenizer-free use.")
+        if class_names is None:
+            if class_token_ids is None:
+                raise ValueError("class_names (or class_token_ids) are required.")
+            class_names = [f"class_{i}" for i in range(len(class_token_ids))]
+        names = [str(n).replace("_", " ") for n in class_names]
+        if not names:
+            raise ValueError("at least one class name is needed.")
+        if class_token_ids is not None and len(class_token_ids) != len(names):
+            raise ValueError(f"{len(class_token_ids)} class_token_ids rows for {len(names)} class names.")
+        config = active_prompt_config(self.model)
+        if config is not None and config.csc and len(names) != config.num_classes:
+            raise ValueError(
+                f"the adapter has a class-specific context for {config.num_classes} classes and cannot classify "
+                f"{len(names)} other classes (novel classes need a unified context, csc=False)."
+            )
+        self.class_names = names
+        self.class_token_ids = class_token_ids
+        if template is not None:
+            self.template = template
+        self.prompts()  # validates that every class fits the text context now, not at the first forward
+        self.clear_cache()
+
+    def clear_cache(self) -> None:
+        self._cache = None
+
+    @property
+    def max_length(self) -> int:
+        clip = _clip_of(self.model)
+        return clip.config.text_config.max_position_embeddings
+
+    def _prompt_layer_active(self) -> bool:
+        layers = [m for m in self.model.modules() if isinstance(m, ContextPromptLayer)]
+        return bool(layers) and not any(m.disable_adapters for m in layers)
+
+    def prompts(self) -> PromptBatch:
+        """The tokenised prompts of the current class names (placeholder format if a prompt adapter is active)."""
+        if not self.class_names:
+            raise ValueError("no class names set: call set_class_names(names) first.")
+        config = active_prompt_config(self.model)
+        if config is not None and self._prompt_layer_active():
+            if self.tokenizer is not None and self.class_token_ids is None:
+                return placeholder_prompt_ids(self.class_names, config.n_ctx, config.placeholder_token_id,
+                                              tokenizer=self.tokenizer, suffix=config.class_template_suffix,
+                                              max_length=self.max_length)
+            bos, eos, pad = self._special()
+            return placeholder_prompt_ids(self.class_names, config.n_ctx, config.placeholder_token_id,
+                                          class_token_ids=self.class_token_ids, bos_id=bos, eos_id=eos, pad_id=pad,
+                                          max_length=self.max_length)
+        if self.tokenizer is not None and self.class_token_ids is None:
+            return template_prompt_ids(self.class_names, self.template, self.tokenizer, self.max_length)
+        bos, eos, pad = self._special()
+        prefix = list(self.template_token_ids or [])
+        rows = [[bos] + prefix + list(ids) + [eos] for ids in self.class_token_ids]
+        for name, row in zip(self.class_names, rows):
+            if len(row) > self.max_length:
+                raise ValueError(f"class name {name!r} does not fit the text context ({len(row)} > "
+                                 f"{self.max_length} tokens).")
+        return pad_rows(rows, pad)
+
+    def _special(self) -> tuple[int, int, int]:
+        if self.special_token_ids is None:
+            raise ValueError("tokenizer-free use needs special_token_ids=(bos, eos, pad).")
+        return tuple(self.special_token_ids)
+
+    # -- features -------------------------------------------------------------------------------------------------
+    def _state_key(self) -> tuple:
+        clip = _clip_of(self.model)
+        params = tuple((id(p), p._version) for p in clip.text_model.parameters())
+        params += tuple((id(p), p._version) for p in clip.text_projection.parameters())
+        layers = tuple(
+            (m.disable_adapters, tuple(m.active_adapters), tuple(m.merged_adapters))
+            for m in self.model.modules() if isinstance(m, BaseTunerLayer)
+        )
+        return params, layers, id(self.class_token_ids), tuple(self.class_names), self.template
+
+    def _trainable_text_params(self) -> list[torch.Tensor]:
+        clip = _clip_of(self.model)
+        return [p for p in list(clip.text_model.parameters()) + list(clip.text_projection.parameters())
+                if p.requires_grad]
+
+    def _cache_valid(self, key: tuple) -> bool:
+        if self._cache is None or self._cache[0] != key:
+            return False
+        # Version counters miss some in-place updates (e.g. fused optimizers), so trainable tensors (small for
+        # prompt methods) are compared by value as well.
+        snapshot = self._cache[2]
+        params = self._trainable_text_params()
+        return len(snapshot) == len(params) and all(torch.equal(a, b) for a, b in zip(snapshot, params))
+
+    def text_features(self) -> torch.Tensor:
+        """Normalised class text features (C x D); cached in eval mode."""
+        use_cache = not self.training
+        key = self._state_key() if use_cache else None
+        if use_cache and self._cache_valid(key):
+            return self._cache[1]
+        batch = self.prompts()
+        clip = _clip_of(self.model)
+        device = clip.text_projection.weight.device
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.training):
+            feats = _features(self.model.get_text_features(input_ids=batch.input_ids.to(device),
+                                                           attention_mask=batch.attention_mask.to(device)))
+            feats = nn.functional.normalize(feats, dim=-1)
+        if use_cache:
+            feats = feats.detach()
+            self._cache = (key, feats, [p.detach().clone() for p in self._trainable_text_params()])
+        return feats
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        feats = _features(self.model.get_image_features(pixel_values=pixel_values))
+        return nn.functional.normalize(feats, dim=-1)
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs) -> CLIPClassifierOutput:
+        clip = _clip_of(self.model)
+        image = self.image_features(pixel_values)
+        text = self.text_features().to(image.dtype)
+        logits = clip.logit_scale.exp().to(image.dtype) * image @ text.T
+        loss = nn.functional.cross_entropy(logits, labels.to(logits.device)) if labels is not None else None
+        return CLIPClassifierOutput(loss=loss, logits=logits)
+
+    @torch.no_grad()
+    def predict(self, pixel_values: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        was_training = self.training
+        self.eval()
+        try:
+            return torch.cat([self(pixel_values[i:i + batch_size]).logits.argmax(-1)
+                              for i in range(0, len(pixel_values), batch_size)])
+        finally:
+            self.train(was_training)
+
+
+# -- CoOp-protocol evaluation -----------------------------------------------------------------------------------------
+def accuracy(predictions, references) -> float:
+    """Top-1 accuracy in percent. Computed directly: `evaluate.load("accuracy")` fetches its script from the Hub,
+    which is not reachable offline; the formula is the same (mean of exact matches)."""
+    predictions, references = np.asarray(predictions), np.asarray(references)
+    if predictions.shape != references.shape:
+        raise ValueError(f"{predictions.shape[0]} predictions for {references.shape[0]} references.")
+    return float((predictions == references).mean() * 100.0) if len(references) else 0.0
+
+
+def harmonic_mean(base: float, novel: float) -> float:
+    return 0.0 if base + novel == 0 else 2.0 * base * novel / (base + novel)
+
+
+def _dataset_class_names(dataset, label_column: str) -> list[str]:
+    feature = dataset.features[label_column]
+    names = getattr(feature, "names", None)
+    if not names:
+        raise ValueError(f"column {label_column!r} has no class names (expected a ClassLabel feature).")
+    return list(names)
+
+
+def dataset_accuracy(classifier: CLIPZeroShotClassifier, dataset, to_pixel_values: Callable, *,
+                     label_column: str = "label", image_column: str = "image", batch_size: int = 256) -> float:
+    """Accuracy (%) of `classifier` on a datasets.Dataset, with the dataset's own ClassLabel names as classes."""
+    classifier.set_class_names(_dataset_class_names(dataset, label_column))
+    images = dataset.with_format("numpy")[:][image_column]
+    labels = np.asarray(dataset[label_column])
+    preds = []
+    for start in range(0, len(labels), batch_size):
+        preds.append(classifier.predict(to_pixel_values(images[start:start + batch_size])).cpu().numpy())
+    return accuracy(np.concatenate(preds) if preds else np.zeros(0), labels)
+
+
+def evaluate_base_to_novel(classifier: CLIPZeroShotClassifier, base_test, novel_test, to_pixel_values: Callable, *,
+                           label_column: str = "label", image_column: str = "image",
+                           batch_size: int = 256) -> dict[str, float]:
+    """CoOp base-to-novel protocol: accuracy on the base test split with only the base class names, on the novel
+    test split with only the novel class names (two separate problems), and their harmonic mean (all in %)."""
+    kwargs = dict(label_column=label_column, image_column=image_column, batch_size=batch_size)
+    base = dataset_accuracy(classifier, base_test, to_pixel_values, **kwargs)
+    novel = dataset_accuracy(classifier, novel_test, to_pixel_values, **kwargs)
+    return {"base": base, "novel": novel, "hm": harmonic_mean(base, novel)}
+
+
+def average_base_to_novel(results: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Summary row over datasets: mean base, mean novel, and HM of those means (not the mean of the HMs)."""
+    if not results:
+        raise ValueError("no results to average.")
+    base = float(np.mean([r["base"] for r in results]))
+    novel = float(np.mean([r["novel"] for r in results]))
+    return {"base": base, "novel": novel, "hm": harmonic_mean(base, novel)}

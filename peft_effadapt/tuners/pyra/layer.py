@@ -1,0 +1,187 @@
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from ..tome.blocks import BlockLayout, MergeContext, MergeSettings
+from ..tome.layer import TokenMergingLayer
+
+
+def pyra_modulate(
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    w_r: torch.Tensor,
+    w_d: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """PYRA's parallel yielding re-activation of the sources about to be merged (spec pyra.md §b.4).
+
+    `src`, `dst`: B×r×D size-weighted source tokens (rows in descending match score) and their destinations.
+    ``M = LN(S + T)``; channel weight ``c = 2σ(W_rᵀ M)`` (B×1×D); token weight ``t = 2σ(M W_Dᵀ) − 1`` (B×r×1);
+    returns ``S + (S ⊙ c) ⊙ t``. The two products are matmuls (4·r·D FLOPs per image).
+    """
+    if src.shape[1] != w_r.shape[0]:
+        raise ValueError(f"PYRA W_r has {w_r.shape[0]} rows but {src.shape[1]} tokens are being merged.")
+    m = F.layer_norm(src + dst, (src.shape[-1],), norm_weight, norm_bias, eps)
+    channel = 2 * torch.sigmoid(torch.matmul(m.transpose(1, 2), w_r).transpose(1, 2))
+    token = 2 * torch.sigmoid(torch.matmul(m, w_d.transpose(0, 1))) - 1
+    return src + (src * channel) * token
+
+
+class PYRAModulation(nn.Module):
+    """Inference copy of one layer's modulation, kept by ``merge_and_unload``: non-persistent buffers, so the merged
+    model's state dict stays the base model's (save the adapter, not the merged model, to keep PYRA)."""
+
+    def __init__(self, w_r, w_d, norm_weight, norm_bias, eps: float):
+        super().__init__()
+        for name, value in (("w_r", w_r), ("w_d", w_d), ("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+            self.register_buffer(name, value.detach().clone(), persistent=False)
+        self.eps = eps
+
+    def forward(self, src, dst):
+        return pyra_modulate(src, dst, self.w_r, self.w_d, self.norm_weight, self.norm_bias, self.eps)
+
+
+class PYRALayer(TokenMergingLayer):
+    """Per adapter: LoRA on q/k/v (`pyra_lora_A`, `pyra_lora_B`) and, in layers that merge, W_r (`pyra_w_r`, r_l×1),
+    W_D (`pyra_w_d`, 1×D) and the LayerNorm (`pyra_norm`)."""
+
+    adapter_layer_names = ("pyra_lora_A", "pyra_lora_B", "pyra_w_r", "pyra_w_d", "pyra_norm")
+    other_param_names = ("pyra_settings", "pyra_lora_dropout", "pyra_lora_scale", "pyra_lora_shared", "pyra_norm_eps")
+    settings_attr = "pyra_settings"
+
+    def __init__(self, base_layer, layout, layer, layer_name, context) -> None:
+        super().__init__(base_layer, layout, layer, layer_name, context)
+        self.pyra_lora_A = nn.ParameterDict({})
+        self.pyra_lora_B = nn.ParameterDict({})
+        self.pyra_w_r = nn.ParameterDict({})
+        self.pyra_w_d = nn.ParameterDict({})
+        self.pyra_norm = nn.ModuleDict({})
+        self.pyra_lora_dropout = nn.ModuleDict({})
+        self.pyra_lora_scale: dict[str, float] = {}
+        self.pyra_lora_shared: dict[str, bool] = {}
+        self.pyra_norm_eps: dict[str, float] = {}
+
+    def _projections(self) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+        attn = getattr(self.base_layer, self.layout.attention)
+        return tuple(getattr(attn, n) for n in (self.layout.q_proj, self.layout.k_proj, self.layout.v_proj))
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        settings: MergeSettings,
+        inference_mode: bool = False,
+        lora_r: int = 8,
+        lora_dropout: float = 0.1,
+        lora_scale: float = 1.0,
+        lora_shared_qkv_a: bool = True,
+        eps: float = 1e-5,
+        init_weights: bool = True,
+    ) -> None:
+        q_proj, _, _ = self._projections()
+        d_in, d_out = q_proj.in_features, q_proj.out_features
+        a = torch.empty(lora_r if lora_shared_qkv_a else 3 * lora_r, d_in)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # = nn.Linear(D, r) init: U(-1/sqrt(D), 1/sqrt(D))
+        b = torch.zeros(3 * d_out, lora_r)
+        if not init_weights:
+            nn.init.normal_(b, std=0.2)
+        self.pyra_lora_A[adapter_name] = nn.Parameter(a)
+        self.pyra_lora_B[adapter_name] = nn.Parameter(b)
+        self.pyra_lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.pyra_lora_scale[adapter_name] = float(lora_scale)
+        self.pyra_lora_shared[adapter_name] = bool(lora_shared_qkv_a)
+        self.pyra_norm_eps[adapter_name] = float(eps)
+        if settings.r > 0:
+            w_r = torch.empty(settings.r, 1)
+            nn.init.kaiming_uniform_(w_r, a=math.sqrt(5))  # fan-in 1: U(-1, 1), as the official code
+            w_d = torch.zeros(1, d_in)
+            if not init_weights:
+                nn.init.normal_(w_d, std=0.5)
+            self.pyra_w_r[adapter_name] = nn.Parameter(w_r)
+            self.pyra_w_d[adapter_name] = nn.Parameter(w_d)
+            self.pyra_norm[adapter_name] = nn.LayerNorm(d_in, eps=eps)
+        super().update_layer(adapter_name, settings, inference_mode=inference_mode)
+
+    # -- LoRA ---------------------------------------------------------------------------------------------------
+    def lora_delta_weights(self, adapter_name: str) -> list[torch.Tensor]:
+        """ΔW_q, ΔW_k, ΔW_v (each D_out×D_in) = scale · B_i A_i."""
+        a, b = self.pyra_lora_A[adapter_name], self.pyra_lora_B[adapter_name]
+        scale = self.pyra_lora_scale[adapter_name]
+        b_parts = b.chunk(3, dim=0)
+        a_parts = (a, a, a) if self.pyra_lora_shared[adapter_name] else a.chunk(3, dim=0)
+        return [scale * (bi @ ai) for ai, bi in zip(a_parts, b_parts)]
+
+    def qkv_delta_fn(self, adapter_name: str):
+        a, b = self.pyra_lora_A[adapter_name], self.pyra_lora_B[adapter_name]
+        dropout = self.pyra_lora_dropout[adapter_name]
+        scale = self.pyra_lora_scale[adapter_name]
+        shared = self.pyra_lora_shared[adapter_name]
+
+        def delta(x: torch.Tensor):
+            z = F.linear(dropout(x.to(a.dtype)), a)
+            if shared:
+                out = F.linear(z, b) * scale
+                return tuple(part.to(x.dtype) for part in out.chunk(3, dim=-1))
+            return tuple(
+                (F.linear(zi, bi) * scale).to(x.dtype) for zi, bi in zip(z.chunk(3, dim=-1), b.chunk(3, dim=0))
+            )
+
+        return delta
+
+    def _fold(self, adapter_name: str, sign: int, safe_merge: bool = False) -> None:
+        with torch.no_grad():
+            deltas = self.lora_delta_weights(adapter_name)
+            if safe_merge and not all(torch.isfinite(d).all() for d in deltas):
+                raise ValueError(
+                    f"NaNs or infs in the LoRA of PYRA adapter '{adapter_name}' ({self.layer_name}); not merged."
+                )
+            for proj, delta in zip(self._projections(), deltas):
+                weight = proj.weight
+                weight.data = (weight.data.float() + sign * delta.float().to(weight.device)).to(weight.dtype)
+
+    # -- modulation ---------------------------------------------------------------------------------------------
+    def modulation_fn(self, adapter_name: str):
+        if adapter_name not in self.pyra_w_r:
+            return None
+        w_r, w_d, norm = self.pyra_w_r[adapter_name], self.pyra_w_d[adapter_name], self.pyra_norm[adapter_name]
+        return lambda src, dst: pyra_modulate(src, dst, w_r, w_d, norm.weight, norm.bias, norm.eps)
+
+    def frozen_modulation(self, adapter_name: str):
+        if adapter_name not in self.pyra_w_r:
+            return None
+        norm = self.pyra_norm[adapter_name]
+        return PYRAModulation(
+            self.pyra_w_r[adapter_name], self.pyra_w_d[adapter_name], norm.weight, norm.bias, norm.eps
+        )
+
+
+class PYRABlock(GradientCheckpointingLayer, PYRALayer):
+    """A ViT / DeiT / CLIP encoder layer with LoRA on q/k/v, token merging and PYRA's re-activation."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        layout: BlockLayout,
+        layer: int,
+        layer_name: str,
+        context: MergeContext,
+        settings: MergeSettings,
+        **kwargs,
+    ) -> None:
+        GradientCheckpointingLayer.__init__(self)
+        PYRALayer.__init__(self, base_layer, layout, layer, layer_name, context)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, settings, **kwargs)
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        return self.merging_forward(hidden_states, attention_mask, **kwargs)
+
+    def __repr__(self) -> str:
+        return "pyra." + super().__repr__()

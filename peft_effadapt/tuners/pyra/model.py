@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+from torch import nn
+
+from ..tome.blocks import SUPPORTED_MODELS, layout_of
+from ..tome.model import TokenMergingModel
+from .config import PYRAConfig
+from .layer import PYRABlock, PYRALayer
+
+
+class PYRAModel(TokenMergingModel):
+    """PYRA (Xiong et al., ECCV 2024): LoRA on q/k/v + ToMe token merging + parallel yielding re-activation.
+
+    Use it through peft: ``get_peft_model(vit, PYRAConfig(merge_schedule="low", modules_to_save=["classifier"]))``.
+    Supported: {models}. Saved per layer: ``pyra_lora_A`` (r×D, or 3r×D unshared), ``pyra_lora_B`` (3D×r) and, where
+    r_l > 0, ``pyra_w_r`` (r_l×1), ``pyra_w_d`` (1×D), ``pyra_norm``; the resolved schedule goes to the config.
+    ``merge_and_unload`` folds LoRA into q/k/v and returns the base class **still merging** with the PYRA modulation
+    (a patched model; `unload` gives the plain one).
+    """.format(models=", ".join(SUPPORTED_MODELS))
+
+    method_name = "PYRA"
+    prefix: str = "pyra_"
+    tuner_layer_cls = PYRALayer
+    _shapes_depend_on_tokens = True
+
+    def _layer_kwargs(self, config: PYRAConfig, layer: int, base: nn.Module) -> dict:
+        return dict(
+            lora_r=config.lora_r,
+            lora_dropout=config.lora_dropout,
+            lora_scale=config.lora_scale,
+            lora_shared_qkv_a=config.lora_shared_qkv_a,
+            eps=config.pyra_layernorm_eps,
+            init_weights=config.init_weights,
+        )
+
+    def _new_block(self, target, adapter_name, name, layer, settings, config) -> nn.Module:
+        return PYRABlock(
+            target, adapter_name, layout_of(target), layer, name, self._merge_context, settings,
+            **self._layer_kwargs(config, layer, target),
+        )
+
+
+def pyra_param_groups(model: nn.Module, lr: float, weight_decay: float = 1e-4, pyra_lr: float | None = None) -> list:
+    """AdamW parameter groups in the official recipe: trainable tensors with weight decay except 1-D tensors
+    (biases, LayerNorms); PYRA's W_r / W_D / LayerNorm at `pyra_lr` (argument, else the adapter config's `pyra_lr`,
+    else `lr` — which is what the official runs effectively used)."""
+    if pyra_lr is None:
+        configs = getattr(model, "peft_config", {})
+        pyra_lr = next((c.pyra_lr for c in configs.values() if getattr(c, "pyra_lr", None) is not None), None)
+    pyra_lr = lr if pyra_lr is None else pyra_lr
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_pyra = any(f".{key}." in name for key in ("pyra_w_r", "pyra_w_d", "pyra_norm"))
+        decay = param.ndim > 1 and not name.endswith(".bias")
+        groups.setdefault((is_pyra, decay), []).append(param)
+    return [
+        {"params": params, "lr": pyra_lr if is_pyra else lr, "weight_decay": weight_decay if decay else 0.0}
+        for (is_pyra, decay), params in groups.items()
+    ]

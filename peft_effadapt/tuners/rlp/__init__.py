@@ -1,0 +1,5 @@
+from .config import RLPConfig
+from .layer import RLPLayer, low_rank_dropout, truncated_svd
+from .model import RLPModel
+
+__all__ = ["RLPConfig", "RLPLayer", "RLPModel", "low_rank_dropout", "truncated_svd"]
