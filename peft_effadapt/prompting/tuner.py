@@ -3,11 +3,10 @@ everything before the model is touched, swap the embeddings module, check adapte
 
 from __future__ import annotations
 
-import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
-from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
+from ..adapter_checks import ValidatedLoadMixin
 from ..targeting import unwrap_to_tuner_layers
 from .config import ContextPromptConfig
 from .layer import ContextPromptLayer
@@ -82,7 +81,7 @@ def resolve_tokens(model: nn.Module, config: ContextPromptConfig, method: str) -
     config.resolve_tokens(tokenizer)
 
 
-class ContextPromptTuner(BaseTuner):
+class ContextPromptTuner(ValidatedLoadMixin, BaseTuner):
     """Base of `CoOpModel` and `RLPModel`. Subclasses set `prefix`, `tuner_layer_cls`, `method_name` and
     implement `_new_layer`, `_layer_kwargs` and (optionally) `_validate`."""
 
@@ -153,69 +152,6 @@ class ContextPromptTuner(BaseTuner):
         if not layers:
             raise ValueError(f"no {self.method_name} layer in the model (was it unloaded?).")
         return layers[0]
-
-    # -- loading --------------------------------------------------------------------------------------------------
-    @classmethod
-    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        try:
-            check_prompt_tensors(model, adapter_name, state_dict, cls.tuner_layer_cls, cls.prefix, cls.method_name)
-        except ValueError:
-            undo_injection(model, adapter_name)
-            raise
-        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-
-
-def check_prompt_tensors(model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor],
-                         layer_cls: type, prefix: str, method: str) -> None:
-    """The file must hold exactly the adapter's tensors with the shapes the config implies; raises naming the first
-    mismatch."""
-    marker = "." + prefix
-    found: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in state_dict.items():
-        if marker in key:
-            layer_name, _, rest = key.removeprefix("base_model.model.").partition(marker)
-            found.setdefault(layer_name, {})[prefix + rest] = value
-    for name, layer in unwrap_to_tuner_layers(model, layer_cls):
-        if not layer.has_adapter(adapter_name):
-            continue
-        name = name.removeprefix("base_model.model.")
-        tensors = found.pop(name, {})
-        expected = {}
-        for key, param in layer.named_parameters():
-            parts = key.split(".")
-            if parts[0].startswith(prefix) and len(parts) > 1 and parts[1] == adapter_name:
-                expected[".".join(parts[:1] + parts[2:])] = tuple(param.shape)
-        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-        if missing or extra:
-            raise ValueError(
-                f"The {method} adapter file does not match layer '{name}': missing tensors {missing or 'none'}, "
-                f"unexpected tensors {extra or 'none'}. The file is damaged or its adapter_config.json does not "
-                "describe it."
-            )
-        for key, shape in expected.items():
-            if tuple(tensors[key].shape) != shape:
-                raise ValueError(
-                    f"{key} of layer '{name}' has shape {tuple(tensors[key].shape)} in the {method} adapter file, but "
-                    f"the adapter config needs {shape}: the file and its adapter_config.json disagree."
-                )
-    if found:
-        raise ValueError(f"The {method} adapter file has tensors for modules the model does not adapt: {sorted(found)}.")
-
-
-def undo_injection(model: nn.Module, adapter_name: str) -> None:
-    """Removes an adapter whose load failed, so that the user's model is as it was before the call."""
-    tuner = getattr(model, "base_model", None)
-    if not isinstance(tuner, BaseTuner):
-        return
-    if list(tuner.peft_config) == [adapter_name]:
-        for module in tuner.model.modules():
-            if isinstance(module, ModulesToSaveWrapper):
-                module.set_adapter([])
-        tuner.unload()
-        tuner.peft_config.pop(adapter_name, None)
-    else:
-        tuner.delete_adapter(adapter_name)
-        getattr(model, "peft_config", {}).pop(adapter_name, None)
 
 
 def active_prompt_config(model: nn.Module) -> ContextPromptConfig | None:

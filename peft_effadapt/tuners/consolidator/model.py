@@ -2,10 +2,10 @@ from __future__ import annotations
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
-from peft.utils import ModulesToSaveWrapper
 from peft.utils.error import NoMatchingPeftModuleError
 from torch import nn
 
+from ...adapter_checks import ValidatedLoadMixin
 from ...targeting import candidate_names, model_type_of, unwrap_to_tuner_layers
 from .config import ConsolidatorConfig
 from .layer import ConsolidatorLayer, ConsolidatorLinear
@@ -24,7 +24,7 @@ TARGET_MODULE_MAPPING = {
 _STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class ConsolidatorModel(BaseTuner):
+class ConsolidatorModel(ValidatedLoadMixin, BaseTuner):
     """Creates a Consolidator model from a pretrained transformers model (Hao et al., ICLR 2023).
 
     Use it through peft: ``get_peft_model(model, ConsolidatorConfig(...))``. Saving stores the consolidated sparse
@@ -33,6 +33,7 @@ class ConsolidatorModel(BaseTuner):
     deltas into the frozen weights and returns the plain model.
     """
 
+    method_name = "Consolidator"
     prefix: str = "consolidator_"
     tuner_layer_cls = ConsolidatorLayer
     target_module_mapping = TARGET_MODULE_MAPPING
@@ -170,64 +171,8 @@ class ConsolidatorModel(BaseTuner):
     # -- loading ------------------------------------------------------------------------------------------------
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """Checks every stored tensor against the layers the config built before anything is loaded; on a mismatch
-        removes the half-loaded adapter again and raises."""
-        try:
-            _check_adapter_tensors(model, adapter_name, state_dict)
-        except ValueError:
-            _undo_injection(model, adapter_name)
-            raise
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         return {k: _cast_like_model(model, k, v) for k, v in remapped.items()}
-
-
-def _check_adapter_tensors(model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
-    """Every targeted layer must find exactly its adapter tensors in the file, with the shapes its pattern implies
-    (``consolidator_delta`` holds |M| values for a consolidated file). Raises ValueError naming the first mismatch."""
-    by_layer: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in state_dict.items():
-        if ".consolidator_" in key:
-            layer_name, _, rest = key.removeprefix("base_model.model.").partition(".consolidator_")
-            by_layer.setdefault(layer_name, {})["consolidator_" + rest] = value
-    for name, layer in unwrap_to_tuner_layers(model, ConsolidatorLayer):
-        if adapter_name not in layer.consolidator_patterns:
-            continue
-        name = name.removeprefix("base_model.model.")
-        found = by_layer.pop(name, {})
-        expected = {
-            _remove_adapter_name(key, adapter_name): tuple(param.shape)
-            for key, param in layer.named_parameters()
-            if key.startswith("consolidator_") and _belongs_to(key, adapter_name)
-        }
-        missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-        if missing or extra:
-            raise ValueError(
-                f"The Consolidator adapter file does not match layer '{name}' "
-                f"({layer.in_features}->{layer.out_features}): missing {missing or 'nothing'}, unexpected "
-                f"{extra or 'nothing'}. The file is damaged or its adapter_config.json does not describe it."
-            )
-        for key, shape in expected.items():
-            if tuple(found[key].shape) != shape:
-                raise ValueError(
-                    f"{key} of layer '{name}' ({layer.in_features}->{layer.out_features}) has shape "
-                    f"{tuple(found[key].shape)} in the file, but the adapter config's pattern needs {shape}: the "
-                    "file and its adapter_config.json disagree, or the file targets another model."
-                )
-    if by_layer:
-        unknown = sorted(by_layer)
-        raise ValueError(
-            f"The Consolidator adapter file has tensors for layers the model does not adapt: {unknown[:5]}"
-            f"{' ...' if len(unknown) > 5 else ''}. It belongs to another model or config."
-        )
-
-
-def _belongs_to(key: str, adapter_name: str) -> bool:
-    return key.split(".")[1] == adapter_name
-
-
-def _remove_adapter_name(key: str, adapter_name: str) -> str:
-    parts = key.split(".")
-    return ".".join(parts[:1] + parts[2:])
 
 
 def _tower_of(module_name: str) -> str:
@@ -249,19 +194,3 @@ def _cast_like_model(model: nn.Module, key: str, value: torch.Tensor) -> torch.T
     except AttributeError:
         return value
     return value.to(target.dtype) if target.dtype.is_floating_point else value
-
-
-def _undo_injection(model: nn.Module, adapter_name: str) -> None:
-    """Removes the adapter whose load failed, so that the user's model is as it was before the call."""
-    tuner = getattr(model, "base_model", None)
-    if not isinstance(tuner, BaseTuner):
-        return
-    if list(tuner.peft_config) == [adapter_name]:
-        for module in tuner.model.modules():
-            if isinstance(module, ModulesToSaveWrapper):
-                module.set_adapter([])  # unload then hands back the original module, not the copy
-        tuner.unload()
-        tuner.peft_config.pop(adapter_name, None)
-    else:
-        tuner.delete_adapter(adapter_name)
-        getattr(model, "peft_config", {}).pop(adapter_name, None)

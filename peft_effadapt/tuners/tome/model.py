@@ -2,14 +2,12 @@ from __future__ import annotations
 
 import copy
 
-import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
-from peft.utils import ModulesToSaveWrapper
 from peft.utils.error import NoMatchingPeftModuleError
 from torch import nn
 
+from ...adapter_checks import ValidatedLoadMixin
 from ...merging import check_schedule, resolve_schedule, token_counts
-from ...targeting import unwrap_to_tuner_layers
 from .blocks import (
     SUPPORTED_ATTENTION,
     SUPPORTED_MODELS,
@@ -28,7 +26,7 @@ from .config import TokenMergingConfig
 from .layer import TokenMergingLayer, ToMeBlock, ToMeLayer
 
 
-class TokenMergingModel(BaseTuner):
+class TokenMergingModel(ValidatedLoadMixin, BaseTuner):
     """Shared tuner machinery of the token-merging types: targets whole encoder layers, resolves and validates the
     merging schedule before the first module is replaced, owns the per-forward `MergeContext` and the backbone
     pre-hook that resets it."""
@@ -211,16 +209,6 @@ class TokenMergingModel(BaseTuner):
         config = self.peft_config[adapter_name]
         return token_counts(config.layer_schedule, config.num_tokens)
 
-    # -- loading ------------------------------------------------------------------------------------------------
-    @classmethod
-    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        try:
-            _check_adapter_tensors(model, adapter_name, state_dict, cls.prefix, cls.method_name)
-        except ValueError:
-            _undo_injection(model, adapter_name)
-            raise
-        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-
 
 class ToMeModel(TokenMergingModel):
     """Token Merging (Bolya et al., ICLR 2023) as a weight-free PEFT type.
@@ -233,57 +221,3 @@ class ToMeModel(TokenMergingModel):
     method_name = "ToMe"
     prefix: str = "tome_"
     tuner_layer_cls = ToMeLayer
-
-
-def _check_adapter_tensors(model, adapter_name, state_dict, prefix, method) -> None:
-    """Every merging layer must find exactly its adapter tensors, with the shapes the config implies."""
-    by_layer: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in state_dict.items():
-        if f".{prefix}" in key:
-            layer_name, _, rest = key.removeprefix("base_model.model.").partition(f".{prefix}")
-            by_layer.setdefault(layer_name, {})[prefix + rest] = value
-    for name, layer in unwrap_to_tuner_layers(model, TokenMergingLayer):
-        if adapter_name not in layer.merge_settings:
-            continue
-        name = name.removeprefix("base_model.model.")
-        found = by_layer.pop(name, {})
-        expected = {}
-        for key, param in layer.named_parameters():
-            parts = key.split(".")
-            if parts[0].startswith(prefix) and len(parts) > 1 and parts[1] == adapter_name:
-                expected[".".join(parts[:1] + parts[2:])] = tuple(param.shape)
-        missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-        if missing or extra:
-            raise ValueError(
-                f"The {method} adapter file does not match layer '{name}': missing tensors {missing or 'none'}, "
-                f"unexpected tensors {extra or 'none'}. The file is damaged or its adapter_config.json does not "
-                "describe it."
-            )
-        for key, shape in expected.items():
-            if tuple(found[key].shape) != shape:
-                raise ValueError(
-                    f"{key} of layer '{name}' has shape {tuple(found[key].shape)} in the {method} adapter file, but the "
-                    f"adapter config (schedule, rank) needs {shape}."
-                )
-    if by_layer:
-        unknown = sorted(by_layer)
-        raise ValueError(
-            f"The {method} adapter file has tensors for layers the model does not adapt: {unknown[:5]}. It belongs to "
-            "another model or config."
-        )
-
-
-def _undo_injection(model: nn.Module, adapter_name: str) -> None:
-    """Removes the adapter whose load failed, so that the user's model is as it was before the call."""
-    tuner = getattr(model, "base_model", None)
-    if not isinstance(tuner, BaseTuner):
-        return
-    if list(tuner.peft_config) == [adapter_name]:
-        for module in tuner.model.modules():
-            if isinstance(module, ModulesToSaveWrapper):
-                module.set_adapter([])
-        tuner.unload()
-        tuner.peft_config.pop(adapter_name, None)
-    else:
-        tuner.delete_adapter(adapter_name)
-        getattr(model, "peft_config", {}).pop(adapter_name, None)
