@@ -21,7 +21,7 @@ class CLIPClassifierOutput(ModelOutput):
     logits: torch.Tensor | None = None
 
 
-def _features(output) -> torch.Tensor:
+def projected_features(output) -> torch.Tensor:
     """`get_text_features`/`get_image_features` return a ModelOutput in transformers 5.x: take `pooler_output`."""
     return output if torch.is_tensor(output) else output.pooler_output
 
@@ -181,7 +181,7 @@ class CLIPZeroShotClassifier(nn.Module):
         clip = _clip_of(self.model)
         device = clip.text_projection.weight.device
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.training):
-            feats = _features(self.model.get_text_features(input_ids=batch.input_ids.to(device),
+            feats = projected_features(self.model.get_text_features(input_ids=batch.input_ids.to(device),
                                                            attention_mask=batch.attention_mask.to(device)))
             feats = nn.functional.normalize(feats, dim=-1)
         if use_cache:
@@ -190,7 +190,7 @@ class CLIPZeroShotClassifier(nn.Module):
         return feats
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        feats = _features(self.model.get_image_features(pixel_values=pixel_values))
+        feats = projected_features(self.model.get_image_features(pixel_values=pixel_values))
         return nn.functional.normalize(feats, dim=-1)
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs) -> CLIPClassifierOutput:

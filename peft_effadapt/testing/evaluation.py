@@ -6,20 +6,16 @@ import numpy as np
 import torch
 from datasets import Dataset
 
+from ..tasks.classification import projected_features
 from .captions import TEMPLATE
 from .data import class_names
 from .processing import ShapesImageProcessor, ShapesProcessor, dataset_images
 
 
-def _features(output) -> torch.Tensor:
-    """`get_*_features` return a ModelOutput in transformers 5.23 (projected vector in `pooler_output`)."""
-    return output if torch.is_tensor(output) else output.pooler_output
-
-
 @torch.no_grad()
 def clip_text_features(model, processor: ShapesProcessor, texts: list[str]) -> torch.Tensor:
     inputs = processor(text=texts, padding=True)
-    feats = _features(model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]))
+    feats = projected_features(model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]))
     return torch.nn.functional.normalize(feats, dim=-1)
 
 
@@ -28,7 +24,7 @@ def clip_image_features(model, processor: ShapesProcessor, images: np.ndarray, b
     out = []
     for start in range(0, len(images), batch_size):
         pixels = processor(images=images[start:start + batch_size])["pixel_values"]
-        out.append(_features(model.get_image_features(pixel_values=pixels)))
+        out.append(projected_features(model.get_image_features(pixel_values=pixels)))
     return torch.nn.functional.normalize(torch.cat(out), dim=-1)
 
 

@@ -46,8 +46,3 @@ def _subset(dataset: Dataset, names: list[str], keep: range, label_column: str) 
     order = part.column_names[:-1]
     order.insert(position, label_column)
     return part.select_columns(order)
-
-
-def harmonic_mean(base: float, novel: float) -> float:
-    """HM of base and novel accuracy, the CoOp protocol's summary number."""
-    return 0.0 if base + novel == 0 else 2 * base * novel / (base + novel)
