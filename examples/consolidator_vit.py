@@ -11,7 +11,11 @@ Bundled tiny ViT and a generated downstream set (no Hub, a couple of minutes on 
 
 Several processes (Accelerate places devices; the Trainer handles DDP):
 
-    accelerate launch --num_processes 2 examples/consolidator_vit.py --tiny
+    accelerate launch --num_processes 2 examples/consolidator_vit.py --tiny               # 2 GPUs
+    accelerate launch --multi_gpu --num_processes 2 examples/consolidator_vit.py --tiny --cpu   # 2 CPU processes
+
+(On a CPU-only machine `accelerate launch --cpu --num_processes 2` starts a single process; `--multi_gpu` with
+`--cpu`, i.e. `TrainingArguments(use_cpu=True)`, starts two processes that all-reduce over gloo.)
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ def parse_args(argv=None):
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast through Accelerate")
     parser.add_argument("--output-dir", default="outputs/consolidator_vit")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cpu", action="store_true", help="train on CPU (gloo all-reduce under accelerate launch)")
     return parser.parse_args(argv)
 
 
@@ -129,22 +134,27 @@ def main(argv=None):
         remove_unused_columns=False,
         dataloader_num_workers=0,
         seed=args.seed,
+        use_cpu=args.cpu,
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=train, eval_dataset=test,
                       compute_metrics=accuracy)
+    print(f"training in {training_args.world_size} process(es)")
     before = trainer.evaluate()["eval_accuracy"]
     trainer.train()
     after = trainer.evaluate()["eval_accuracy"]
 
+    adapter_dir = Path(args.output_dir) / "adapter"
     if trainer.is_world_process_zero():
-        adapter_dir = Path(args.output_dir) / "adapter"
         model.save_pretrained(adapter_dir)  # stage 1: only the consolidated delta values are stored
-        size = (adapter_dir / "adapter_model.safetensors").stat().st_size
-        base = (load_tiny if args.tiny else load_hub)(args)[0]
-        reloaded = PeftModel.from_pretrained(base, adapter_dir)
-        merged = reloaded.merge_and_unload()  # stage 2: a plain ViT again, base FLOPs and latency
-        merged_trainer = Trainer(model=merged, args=training_args, eval_dataset=test, compute_metrics=accuracy)
-        merged_accuracy = merged_trainer.evaluate()["eval_accuracy"]
+    trainer.accelerator.wait_for_everyone()
+    size = (adapter_dir / "adapter_model.safetensors").stat().st_size
+    base = (load_tiny if args.tiny else load_hub)(args)[0]
+    reloaded = PeftModel.from_pretrained(base, adapter_dir)
+    merged = reloaded.merge_and_unload()  # stage 2: a plain ViT again, base FLOPs and latency
+    # every process evaluates its shard (the Trainer gathers), so this runs on all ranks, not only on rank 0
+    merged_trainer = Trainer(model=merged, args=training_args, eval_dataset=test, compute_metrics=accuracy)
+    merged_accuracy = merged_trainer.evaluate()["eval_accuracy"]
+    if trainer.is_world_process_zero():
         print(f"accuracy before {before:.4f} | after {after:.4f} | reloaded+merged {merged_accuracy:.4f} | "
               f"adapter file {size / 1024:.1f} KiB in {adapter_dir}")
         merged.save_pretrained(Path(args.output_dir) / "merged")

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 from peft import PeftModel, get_peft_model
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments, set_seed
 
 import peft_effadapt  # noqa: F401  (registers RLP with peft)
 from peft_effadapt import CLIPZeroShotClassifier, RLPConfig
@@ -82,7 +82,8 @@ def main(argv=None) -> None:
 
     # n = 4 from "a photo of a", rank 1: the model starts exactly as zero-shot CLIP with that template
     config = RLPConfig(ctx_init="a photo of a", rank=args.rank, lowrank_dropout=0.1).resolve_tokens(tokenizer)
-    model = get_peft_model(clip, config)
+    set_seed(0)  # the low-rank factor A is initialised randomly: seed it for a reproducible run
+model = get_peft_model(clip, config)
     model.print_trainable_parameters()
     classifier = CLIPZeroShotClassifier(model, tokenizer, base_train.features["label"].names)
 

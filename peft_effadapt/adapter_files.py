@@ -8,6 +8,8 @@ from huggingface_hub import hf_hub_download
 from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from safetensors import safe_open
 
+from .adapter_checks import FILE_KEYS_ATTR, check_config_fields
+
 _DOWNLOAD_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download")
 
 
@@ -43,12 +45,50 @@ def check_adapter_weights(path_or_repo: str, subfolder: str | None = None, **dow
     return weights
 
 
+def check_saved_module_keys(config, keys: list[str], weights: str) -> None:
+    """Every tensor in the file must be either a tensor of the config's own method (its key holds ``.<prefix>``) or
+    a tensor of a module named in ``modules_to_save``. Raises ValueError naming the stray keys before any model is
+    touched (peft would ignore them silently). Missing tensors of the method itself are caught by
+    `adapter_checks.check_adapter_tensors`; a module of ``modules_to_save`` may legitimately have none (the name
+    matched nothing in the model it was saved from)."""
+    from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
+
+    prefix = PEFT_TYPE_TO_PREFIX_MAPPING.get(config.peft_type)
+    if not prefix:
+        return
+    saved = [name for name in (config.modules_to_save or []) if isinstance(name, str)]
+    other = [key.removeprefix("base_model.model.") for key in keys if f".{prefix}" not in key]
+
+    def module_of(key: str) -> str | None:
+        return next((name for name in saved if key.startswith(name + ".") or f".{name}." in key), None)
+
+    stray = [key for key in other if module_of(key) is None]
+    if stray:
+        raise ValueError(
+            f"Adapter weights file {weights} holds tensors that belong neither to the {config.peft_type} adapter nor "
+            f"to its modules_to_save {saved}: {stray[:5]}{' ...' if len(stray) > 5 else ''}. The file is damaged or "
+            "its adapter_config.json does not describe it."
+        )
+
+
 class VerifiedAdapterFilesMixin:
     """For PEFT configs: ``from_pretrained`` checks the weights file next to the config before returning, so that
-    ``PeftModel.from_pretrained`` / ``load_adapter`` fail before they inject anything into the user's model."""
+    ``PeftModel.from_pretrained`` / ``load_adapter`` fail before they inject anything into the user's model; every
+    config checks its fields against their type annotations (`check_config_fields`) before its own checks run."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_config_fields(self)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        check_adapter_weights(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        weights = check_adapter_weights(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if weights is not None:
+            with safe_open(weights, framework="pt") as handle:
+                keys = list(handle.keys())
+            check_saved_module_keys(config, keys, weights)
+            # For the tuner's injection that follows (one use): which tensors the file holds, so that a module of
+            # modules_to_save without its tensors is refused before the model is touched (see adapter_checks).
+            object.__setattr__(config, FILE_KEYS_ATTR, (tuple(config.modules_to_save or ()), frozenset(keys), weights))
         return config

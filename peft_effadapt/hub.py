@@ -138,3 +138,86 @@ def _human(size: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
         size /= 1024
     raise AssertionError
+
+
+# ------------------------------------------------------------------------------------------------- slimmed models
+SLIMMED_FILES = ["config.json", "model.safetensors", "slimming_plan.json", "README.md"]
+
+
+def render_slimmed_card(directory: str | Path, repo_id: str, *, metrics: dict[str, Any] | None = None,
+                        training_data: str | None = None, datasets: list[str] | None = None,
+                        license: str | None = None, base_model: str | None = None) -> ModelCard:
+    """Card of a folder written by `peft_effadapt.pruning.save_slimmed`: method, FLOPs ratio and widths from the
+    slimming plan, parameter count, and how to load it (`load_slimmed`, never `from_pretrained`)."""
+    from .pruning.plan import PLAN_NAME, SlimmingPlan
+
+    directory = Path(directory)
+    missing = [name for name in SLIMMED_FILES[:3] if not (directory / name).is_file()]
+    if missing:
+        raise ValueError(f"{directory} is not a slimmed-model folder (missing {missing}); write it with "
+                         "peft_effadapt.pruning.save_slimmed.")
+    plan = SlimmingPlan.load(directory)
+    config = json.loads((directory / "config.json").read_text())
+    base_model = base_model or plan.base_model
+    with safe_open(directory / "model.safetensors", framework="pt") as handle:
+        params = sum(_numel(handle.get_slice(key).get_shape()) for key in handle.keys())  # noqa: SIM118
+    method = (plan.method or "pruned").lower()
+    tags = ["peft-effadapt", "pruned", method]
+    card_data = ModelCardData(library_name="transformers", base_model=base_model or None, license=license,
+                              datasets=datasets, tags=tags)
+    ratio = plan.metadata.get("flops_ratio")
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(CARDS / "slimmed.md"),
+        title=f"{method.upper()}-slimmed {(config.get('architectures') or ['model'])[0]}",
+        repo_id=repo_id,
+        method=method,
+        architecture=(config.get("architectures") or ["?"])[0],
+        base_model=base_model,
+        flops_ratio=f"{ratio:.3f}" if isinstance(ratio, (int, float)) else "not recorded",
+        params=f"{params:,}",
+        groups=[(p.group.name, p.group.size, p.width) for p in plan.groups],
+        round_to=plan.round_to,
+        plan_name=PLAN_NAME,
+        metrics=metrics or {},
+        training_data=training_data,
+    )
+
+
+def push_slimmed_model_to_hub(
+    directory: str | Path,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool | None = None,
+    commit_message: str = "Upload slimmed model with peft_effadapt",
+    **card_fields: Any,
+) -> str:
+    """Uploads a `save_slimmed` folder (config.json, model.safetensors, slimming_plan.json) with a rendered
+    README card in one commit; returns the commit URL. Load it with `peft_effadapt.pruning.load_slimmed(repo_id)`.
+
+    Checks the repo id, the token, the folder (the plan must match the weights) and the card before anything is
+    created or uploaded."""
+    from .pruning.plan import load_slimmed
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(f"Malformed repo id {repo_id!r}: {err}") from None
+    if "/" not in repo_id:
+        raise ValueError(f"Repo id {repo_id!r} must name its owner: 'user-or-org/name'.")
+    token = token or get_token()
+    if not token:
+        raise ValueError("No Hugging Face token: pass token=... or log in (`hf auth login` / HF_TOKEN).")
+    directory = Path(directory)
+    card = render_slimmed_card(directory, repo_id, **card_fields)
+    load_slimmed(directory)  # raises if plan and weights disagree: never publish a folder that cannot be reloaded
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in SLIMMED_FILES[:3]:
+            (Path(tmp) / name).write_bytes((directory / name).read_bytes())
+        card.save(Path(tmp) / "README.md")
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        info = api.upload_folder(repo_id=repo_id, folder_path=tmp, allow_patterns=SLIMMED_FILES,
+                                 commit_message=commit_message)
+    return info.commit_url

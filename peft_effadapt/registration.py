@@ -4,11 +4,14 @@ peft 0.21 keeps its method types in a closed ``str`` enum (``peft.utils.PeftType
 ``register_peft_method`` refuses names that are not members yet. We therefore (1) add real members to that enum,
 the way the enum machinery itself creates them, and (2) register config and tuner classes through
 ``register_peft_method``. Both steps are idempotent: importing ``peft_effadapt`` twice, reloading it, or
-registering the same classes again is a no-op; a conflicting registration is a clear error.
+registering the same classes again is a no-op; a conflicting registration is a clear error. (3) peft's JSON reader
+for adapter configs is wrapped so that a damaged or hostile adapter_config.json is a ValueError naming the file.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 
 from peft.utils import PeftType, register_peft_method
@@ -88,5 +91,52 @@ def _same_class(a: type | None, b: type) -> bool:
     return a is b or (a is not None and (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__))
 
 
+MAX_CONFIG_BYTES = 16 * 2**20  # a PEFT adapter_config.json is a few KB; refuse anything absurdly large
+
+
+def _read_config_json(path_json_file: str) -> dict:
+    """peft's ``PeftConfig.from_json_file`` with clear errors: a file that is too large, not UTF-8, not JSON, nested
+    too deeply for the parser, or not a JSON object raises ValueError naming the file (peft would raise
+    RecursionError, UnicodeDecodeError or a bare TypeError/KeyError for these)."""
+    size = os.path.getsize(path_json_file)
+    if size > MAX_CONFIG_BYTES:
+        raise ValueError(
+            f"Adapter config {path_json_file} is {size} bytes; an adapter_config.json is a few KB, refusing files over "
+            f"{MAX_CONFIG_BYTES} bytes."
+        )
+    with open(path_json_file, "rb") as file:
+        raw = file.read()
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise ValueError(f"Adapter config {path_json_file} is nested too deeply to be an adapter config.") from None
+    except (UnicodeDecodeError, ValueError) as err:  # JSONDecodeError and int-digit limits are ValueErrors
+        raise ValueError(f"Adapter config {path_json_file} is not valid UTF-8 JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"Adapter config {path_json_file} must hold a JSON object, got a {type(data).__name__}.")
+    if "peft_type" in data and not isinstance(data["peft_type"], str):
+        raise ValueError(f"Adapter config {path_json_file}: peft_type must be a string, got {data['peft_type']!r}.")
+    return data
+
+
+def _guard_config_reader() -> None:
+    """Routes ``PeftConfig.from_json_file`` (used by every peft loader, also for peft's own types) through
+    `_read_config_json`. The result for a valid file is unchanged. Idempotent."""
+    from peft.config import PeftConfigMixin
+
+    current = PeftConfigMixin.__dict__["from_json_file"].__func__
+    if getattr(current, "_peft_effadapt_guard", False):
+        return
+
+    def from_json_file(cls, path_json_file: str, **kwargs):
+        _read_config_json(path_json_file)
+        return current(cls, path_json_file, **kwargs)
+
+    from_json_file._peft_effadapt_guard = True
+    from_json_file.__doc__ = current.__doc__
+    PeftConfigMixin.from_json_file = classmethod(from_json_file)
+
+
 for _name in PEFT_TYPE_NAMES:
     add_peft_type(_name)
+_guard_config_reader()

@@ -146,3 +146,47 @@ CASES += [
         output=lambda out: out.pooler_output,
     ),
 ]
+
+# -- QPrompt (issue 5): quantised CoOp (1 bit), quantised RLP (2 bits), QMaPLe (4 bits, not mergeable) -------------
+from peft_effadapt import QPromptConfig  # noqa: E402
+
+CASES += [
+    MethodCase(
+        id="qprompt-coop-clip",
+        make_model=lambda: tiny_clip(seed=0),
+        make_config=lambda **kw: QPromptConfig(host="coop", bits=1, **_prompt_kwargs(), **kw),
+        make_inputs=_prompt_inputs,
+        output=lambda out: out.logits_per_image,
+    ),
+    MethodCase(
+        id="qprompt-rlp-clip",
+        make_model=lambda: tiny_clip(seed=0),
+        make_config=lambda **kw: QPromptConfig(host="rlp", bits=2, rlp_rank=2, rlp_dropout=0.0, **_prompt_kwargs(),
+                                               **kw),
+        make_inputs=_prompt_inputs,
+        output=lambda out: out.logits_per_image,
+    ),
+    MethodCase(
+        id="qprompt-maple-clip",
+        make_model=lambda: tiny_clip(seed=0, vision_config=dict(hidden_size=48)),  # coupling 32 -> 48
+        make_config=lambda **kw: QPromptConfig(host="maple", bits=4, prompt_depth=2, **_prompt_kwargs(), **kw),
+        make_inputs=_prompt_inputs,
+        output=lambda out: out.logits_per_image,
+        mergeable=False,
+    ),
+]
+
+# -- TempMe (issue 7): 2 videos x 4 frames through the tiny CLIP; per-frame logits keep CLIP's shapes -----------------
+from peft_effadapt import TempMeConfig  # noqa: E402
+
+CASES += [
+    MethodCase(
+        id="tempme-clip",
+        make_model=lambda: tiny_clip(seed=0),
+        make_config=lambda **kw: TempMeConfig(
+            num_frames=4, imgme_r=2, clip_merge_layers=[1], clip_group_sizes=[4], lora_r=2, **kw
+        ),
+        make_inputs=lambda: {"pixel_values": tiny_pixel_values(batch=8), **tiny_text_inputs(batch=3)},
+        output=lambda out: out.logits_per_image,
+    ),
+]

@@ -353,3 +353,15 @@ def test_train_layernorm_covers_only_the_adapted_towers():
     assert not any(name.startswith("text_model") for name in saved)
     both = get_peft_model(tiny_clip(), ConsolidatorConfig(fc_groups=[8]))
     assert "text_model.final_layer_norm" in both.peft_config["default"].modules_to_save
+
+
+def test_consolidated_checkpoint_into_live_branches_names_save_mode_and_changes_nothing(tmp_path):
+    """Trainer's resume_from_checkpoint loads the checkpoint into the live (branch) adapter: a consolidated file
+    cannot be split back into branches, so the error must say to train with save_mode='branches'."""
+    model = get_peft_model(tiny_vit(seed=0), ConsolidatorConfig(fc_groups=[16], init_weights=False))
+    model.save_pretrained(tmp_path)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="save_mode='branches'"):
+        model.load_adapter(tmp_path, "default", is_trainable=True)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from peft_effadapt.testing import load_tiny_clip
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -27,3 +29,14 @@ def test_main_job_rlp_clip(tmp_path):
 def test_pyra_example(tmp_path):
     out = run_example(tmp_path, REPO / "examples/pyra_vit.py", "--tiny", "--epochs", "1")
     assert "reloaded adapter accuracy" in out and "deployed accuracy" in out
+
+
+def test_qprompt_example_reloads_the_deployed_prompt(tmp_path):
+    out = run_example(tmp_path, REPO / "examples/qprompt_clip.py", "--steps", "20", "--output-dir", tmp_path)
+    rows = {line[:16].strip(): line[16:] for line in out.splitlines() if " HM " in line}
+    assert len(rows) == 3, out
+    trained, reloaded = list(rows.values())[1:]
+    assert trained == reloaded  # the stored packed indices + codebook rebuild exactly the evaluated prompt
+    width = load_tiny_clip()[0].config.text_config.hidden_size
+    payload = 4 * width // 8 + 2 * 2  # 1 bit per context value (4 tokens) + a 2-entry fp16 codebook
+    assert f"{payload} bytes of tensors" in out

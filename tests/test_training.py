@@ -91,12 +91,13 @@ def test_accelerate_bf16_autocast_step_keeps_fp32_adapter(fresh_accelerate_state
                     reason="bundled tiny ViT checkpoint not built")
 def test_example_runs_under_accelerate_launch_with_two_processes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no",
            str(REPO / "examples/consolidator_vit.py"), "--tiny", "--max-steps", "6", "--batch-size", "16",
-           "--output-dir", str(tmp_path)]
+           "--output-dir", str(tmp_path), "--cpu"]  # `--cpu --num_processes 2` would start ONE process; this starts two (gloo)
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("training in 2 process(es)") == 2  # printed by both ranks
     assert "reloaded+merged" in result.stdout
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     assert (tmp_path / "merged" / "model.safetensors").exists()

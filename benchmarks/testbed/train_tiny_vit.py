@@ -26,6 +26,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--patch-size", type=int, default=8)
     ap.add_argument("--per-class", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
@@ -46,7 +47,8 @@ def main() -> None:
     train = make_classification_dataset(TASK, "train", n_per_class=args.per_class, seed=args.seed)
     pixels = processor.to_pixel_values(dataset_images(train))
     labels = torch.as_tensor(np.asarray(train["label"]))
-    train_classifier(model, pixels, labels, args.steps, lr=args.lr, seed=args.seed, desc="tiny ViT")
+    train_classifier(model, pixels, labels, args.steps, lr=args.lr, warmup=args.warmup, seed=args.seed,
+                     desc="tiny ViT")
     train_time = time.time() - start
 
     metrics = {}

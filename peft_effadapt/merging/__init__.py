@@ -1,6 +1,7 @@
-"""Token-merging core shared by ToMe, PYRA (and TempMe): bipartite soft matching, size-weighted merging, source
-tracing, proportional-attention bias and merging schedules. Pure tensor functions; no model code."""
+"""Token-merging core shared by ToMe, PYRA and TempMe: bipartite soft matching, size-weighted merging, source
+tracing, proportional-attention bias, clip grouping and merging schedules. Pure tensor functions; no model code."""
 
+from .grouping import group_sequences, ungroup_protected
 from .matching import (
     MAX_PROTECTED,
     MergePlan,
@@ -49,4 +50,7 @@ __all__ = [
     "token_counts",
     "tokens_by_group",
     "validate_spec",
+    # TempMe (issue 7)
+    "group_sequences",
+    "ungroup_protected",
 ]

@@ -7,10 +7,10 @@ with `merge_tokens` / `merge_wavg` / `merge_source`.
 Token layout conventions (shared by every function here):
 
 * tokens at even positions form set A (the possible *sources*), odd positions set B (the *destinations*);
-* the first `protected` tokens (0: none, 1: CLS, 2: CLS + DeiT distillation token) are never merged: a protected A
-  token is never a source, nothing merges into a protected B token;
-* after a merge the order is ``[protected..., unmerged A (original order), B (original order)]``, so CLS stays at
-  index 0 and a distillation token at index 1.
+* the first `protected` tokens (0: none, 1: CLS, 2: CLS + DeiT distillation token; TempMe: one CLS per frame of a
+  clip, any count) are never merged: a protected A token is never a source, nothing merges into a protected B token;
+* after a merge the order is ``[protected... (original order), unmerged A (original order), B (original order)]``,
+  so CLS stays at index 0 and a distillation token at index 1.
 """
 
 from __future__ import annotations
@@ -54,9 +54,11 @@ def max_mergeable(num_tokens: int, protected: int = 1) -> int:
 
 
 def _check_protected(protected: int) -> None:
-    if not isinstance(protected, int) or not 0 <= protected <= MAX_PROTECTED:
+    """Any count of leading tokens may be protected (configs of single-image methods allow up to MAX_PROTECTED)."""
+    if not isinstance(protected, int) or isinstance(protected, bool) or protected < 0:
         raise ValueError(
-            f"protected must be 0 (no class token), 1 (CLS) or 2 (CLS + distillation token), got {protected!r}."
+            f"protected must be an int >= 0 (0: no class token, 1: CLS, 2: CLS + distillation token, more: several "
+            f"class tokens in front, e.g. one per frame), got {protected!r}."
         )
 
 
@@ -77,9 +79,9 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 1) ->
         a, b = metric[..., ::2, :], metric[..., 1::2, :]
         scores = a @ b.transpose(-1, -2)
         if protected >= 1:
-            scores[..., 0, :] = -torch.inf  # CLS (position 0, in A) is never a source
+            scores[..., : (protected + 1) // 2, :] = -torch.inf  # protected tokens in A (CLS at 0) are never sources
         if protected >= 2:
-            scores[..., :, 0] = -torch.inf  # the distillation token (position 1, in B) never receives a merge
+            scores[..., :, : protected // 2] = -torch.inf  # protected tokens in B (e.g. distillation) receive nothing
         node_max, node_idx = scores.max(dim=-1)
         edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
         unmerged_idx = edge_idx[..., r:, :].sort(dim=1).values  # keep the original order (CLS first)
@@ -106,9 +108,17 @@ def merge_tokens(
     if modulate is not None:
         src = modulate(src, b.gather(dim=-2, index=dst_index))
     b = b.scatter_reduce(-2, dst_index, src, reduce=mode)
-    if plan.protected == 2:  # keep the distillation token (first of B) right after CLS
-        return torch.cat([unmerged[:, :1], b[:, :1], unmerged[:, 1:], b[:, 1:]], dim=1)
+    if plan.protected >= 2:  # protected B tokens (e.g. the distillation token) go back between the protected A ones
+        return torch.cat([_interleave_protected(unmerged, b, plan.protected), unmerged[:, (plan.protected + 1) // 2:],
+                          b[:, plan.protected // 2:]], dim=1)
     return torch.cat([unmerged, b], dim=1)
+
+
+def _interleave_protected(a: torch.Tensor, b: torch.Tensor, protected: int) -> torch.Tensor:
+    """The `protected` leading tokens in their original order: even positions from A's head, odd from B's."""
+    n_a, n_b = (protected + 1) // 2, protected // 2
+    pairs = torch.stack([a[:, :n_b], b[:, :n_b]], dim=2).flatten(1, 2)
+    return torch.cat([pairs, a[:, n_b:n_a]], dim=1)
 
 
 def merge_wavg(

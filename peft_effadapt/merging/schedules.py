@@ -100,8 +100,10 @@ def resolve_schedule(spec, num_layers: int, num_tokens: int, protected: int = 1)
         if set(spec) - {"r", "inflect"} or "r" not in spec:
             raise ValueError(f"a ramp schedule is {{'r': int, 'inflect': float}}, got {spec!r}.")
         r, inflect = spec["r"], spec.get("inflect", 0.0)
-        if not isinstance(r, int) or isinstance(r, bool) or r < 0 or not isinstance(inflect, (int, float)):
-            raise ValueError(f"a ramp schedule needs an int r >= 0 and a float inflect, got {spec!r}.")
+        # |inflect| > 1 would make one end of the ramp negative (a layer that "un-merges"): refused.
+        if (not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < 2**53 or isinstance(inflect, bool)
+                or not isinstance(inflect, (int, float)) or not -1 <= inflect <= 1):
+            raise ValueError(f"a ramp schedule needs an int r >= 0 and a float inflect in [-1, 1], got {spec!r}.")
         return ramp_schedule(r, num_layers, float(inflect))
     if isinstance(spec, (list, tuple)):
         values = list(spec)

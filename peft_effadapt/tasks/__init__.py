@@ -9,6 +9,14 @@ from .classification import (
     evaluate_base_to_novel,
     harmonic_mean,
 )
+from .retrieval import (  # issue 7: text-video retrieval
+    CLIPVideoRetrieval,
+    VideoRetrievalOutput,
+    encode_video_dataset,
+    retrieval_metrics,
+    stack_videos,
+    symmetric_infonce,
+)
 
 __all__ = [
     "CLIPClassifierOutput",
@@ -18,4 +26,10 @@ __all__ = [
     "dataset_accuracy",
     "evaluate_base_to_novel",
     "harmonic_mean",
+    "CLIPVideoRetrieval",
+    "VideoRetrievalOutput",
+    "encode_video_dataset",
+    "retrieval_metrics",
+    "stack_videos",
+    "symmetric_infonce",
 ]

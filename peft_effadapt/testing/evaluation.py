@@ -6,9 +6,9 @@ import numpy as np
 import torch
 from datasets import Dataset
 
-from ..tasks.classification import projected_features
+from ..tasks.classification import CLIPZeroShotClassifier, dataset_accuracy, projected_features
+from ..tasks.retrieval import CLIPVideoRetrieval, encode_video_dataset
 from .captions import TEMPLATE
-from .data import class_names
 from .processing import ShapesImageProcessor, ShapesProcessor, dataset_images
 
 
@@ -31,27 +31,19 @@ def clip_image_features(model, processor: ShapesProcessor, images: np.ndarray, b
 @torch.no_grad()
 def clip_zero_shot_accuracy(model, processor: ShapesProcessor, dataset: Dataset, template: str = TEMPLATE,
                             label_column: str = "label") -> float:
-    """Top-1 accuracy of zero-shot CLIP with prompts `template.format(class name)`."""
-    model.eval()
-    text = clip_text_features(model, processor, [template.format(n) for n in class_names(dataset, label_column)])
-    image = clip_image_features(model, processor, dataset_images(dataset))
-    pred = (image @ text.T).argmax(-1).numpy()
-    return float((pred == np.asarray(dataset[label_column])).mean())
+    """Top-1 accuracy (fraction) of zero-shot CLIP with prompts `template.format(class name)`: the task wrapper
+    `CLIPZeroShotClassifier` on the dataset's own class names."""
+    classifier = CLIPZeroShotClassifier(model, processor.tokenizer, template=template).eval()
+    return dataset_accuracy(classifier, dataset, processor.image_processor.to_pixel_values,
+                            label_column=label_column) / 100
 
 
 @torch.no_grad()
 def clip_video_retrieval(model, processor: ShapesProcessor, videos: Dataset) -> dict[str, float]:
-    """Text-to-video retrieval with the mean of per-frame CLIP features: R@1, R@5 and median rank."""
-    model.eval()
-    frames = np.asarray(videos.with_format("numpy")[:]["frames"], dtype=np.uint8)  # (V, T, H, W, 3)
-    v, t = frames.shape[:2]
-    per_frame = clip_image_features(model, processor, frames.reshape(v * t, *frames.shape[2:]))
-    video = torch.nn.functional.normalize(per_frame.view(v, t, -1).mean(1), dim=-1)
-    text = clip_text_features(model, processor, list(videos["caption"]))
-    sims = text @ video.T
-    # rank of the true video (index i) for caption i; identical captions count as separate queries
-    ranks = (sims > sims.diagonal()[:, None]).sum(1).numpy() + 1
-    return {"R@1": float((ranks <= 1).mean()), "R@5": float((ranks <= 5).mean()), "MdR": float(np.median(ranks))}
+    """Text-to-video retrieval with meanP (mean of per-frame CLIP features, `tasks.CLIPVideoRetrieval`): R@1, R@5
+    (fractions) and median rank."""
+    metrics = CLIPVideoRetrieval(model).evaluate(**encode_video_dataset(videos, processor))
+    return {"R@1": metrics["t2v_R@1"] / 100, "R@5": metrics["t2v_R@5"] / 100, "MdR": metrics["t2v_MdR"]}
 
 
 @torch.no_grad()

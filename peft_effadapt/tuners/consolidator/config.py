@@ -36,7 +36,7 @@ class ConsolidatorConfig(VerifiedAdapterFilesMixin, PeftConfig):
     exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Names or regex of modules to leave alone."}
     )
-    fc_groups: list[int] | None = field(
+    fc_groups: list[int] | int | None = field(
         default=None,
         metadata={
             "help": "Group count of each branch, e.g. [384] (one branch) or [8, 4] (two). None: one branch with "

@@ -171,6 +171,17 @@ class ConsolidatorModel(ValidatedLoadMixin, BaseTuner):
     # -- loading ------------------------------------------------------------------------------------------------
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        stored_consolidated = any(".consolidator_delta" in key for key in state_dict)
+        live_branches = any(adapter_name in layer.consolidator_branches
+                            for layer in model.modules() if isinstance(layer, ConsolidatorLayer))
+        if stored_consolidated and live_branches:
+            raise ValueError(
+                f"The Consolidator adapter being loaded into '{adapter_name}' was saved consolidated "
+                "(save_mode='consolidated'), but that adapter is live with trainable branches: consolidated values "
+                "cannot be split back into branches. This is what Trainer(resume_from_checkpoint=...) does; to resume "
+                "training, train with ConsolidatorConfig(save_mode='branches'). A consolidated adapter loads into a "
+                "fresh model (PeftModel.from_pretrained) for inference or merging."
+            )
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         return {k: _cast_like_model(model, k, v) for k, v in remapped.items()}
 

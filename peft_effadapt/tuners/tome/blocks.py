@@ -206,6 +206,56 @@ def _fire_forward_hooks(module: nn.Module, args: tuple, output) -> None:
             hook(module, args, output)
 
 
+def block_attention(
+    block: nn.Module,
+    layout: BlockLayout,
+    normed: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    kwargs: dict,
+    qkv_delta: QKVDelta | None = None,
+    method: str = "ToMe",
+    layer_name: str = "",
+    cast_mask: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention of a pre-norm block from its own sub-modules, with an optional delta on q/k/v and an additive
+    float `attention_mask` (a padding/causal mask or the log-size bias). Returns (output after the out-projection,
+    keys B×N×D incl. the delta). Fires the attention module's forward hooks as its own forward would."""
+    attn = getattr(block, layout.attention)
+    implementation = getattr(attn.config, "_attn_implementation", None) or "eager"
+    if implementation not in SUPPORTED_ATTENTION:
+        raise ValueError(
+            f"{method} passes proportional attention as an additive float mask, which only the 'eager' and "
+            f"'sdpa' attention implementations take; layer {layer_name} uses {implementation!r}. Load the model with "
+            "attn_implementation='sdpa' (or 'eager'), or call model.set_attn_implementation('sdpa')."
+        )
+    batch, num_tokens, _ = normed.shape
+    query = getattr(attn, layout.q_proj)(normed)
+    key = getattr(attn, layout.k_proj)(normed)
+    value = getattr(attn, layout.v_proj)(normed)
+    if qkv_delta is not None:
+        dq, dk, dv = qkv_delta(normed)
+        query, key, value = query + dq, key + dk, value + dv
+    hidden_shape = (batch, num_tokens, -1, attn.head_dim)
+    if cast_mask and attention_mask is not None:
+        attention_mask = attention_mask.to(query.dtype)
+    eager = getattr(sys.modules[type(attn).__module__], "eager_attention_forward", None) or vit_eager_attention
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager)
+    attn_output, attn_weights = interface(
+        attn,
+        query.view(hidden_shape).transpose(1, 2),
+        key.view(hidden_shape).transpose(1, 2),
+        value.view(hidden_shape).transpose(1, 2),
+        attention_mask,
+        dropout=0.0 if not attn.training else getattr(attn, layout.attention_dropout),
+        scaling=getattr(attn, layout.scaling),
+        **kwargs,
+    )
+    attn_output = attn_output.reshape(batch, num_tokens, -1).contiguous()
+    attn_output = getattr(attn, layout.o_proj)(attn_output)
+    _fire_forward_hooks(attn, (normed,), (attn_output, attn_weights))
+    return attn_output, key
+
+
 def run_merging_block(
     block: nn.Module,
     layout: BlockLayout,
@@ -220,8 +270,14 @@ def run_merging_block(
     qkv_delta: QKVDelta | None = None,
     modulate=None,
     fire_block_hooks: bool = True,
+    state: TokenState | None = None,
+    block_input: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One pre-norm encoder layer with token merging between attention and MLP (ToMe, Bolya et al. 2023, §3)."""
+    """One pre-norm encoder layer with token merging between attention and MLP (ToMe, Bolya et al. 2023, §3).
+
+    `state`: the token state of `hidden_states` when the caller already transformed the layer's input (TempMe's
+    clip grouping); None reads slot `layer` of the context. `block_input`: what the layer's forward hooks see as its
+    input (default `hidden_states`)."""
     attn = getattr(block, layout.attention)
     implementation = getattr(attn.config, "_attn_implementation", None) or "eager"
     if implementation not in SUPPORTED_ATTENTION:
@@ -236,38 +292,20 @@ def run_merging_block(
             "built for the unmerged sequence and token merging changes the sequence length. Call the model without "
             "attention_mask (ViT/CLIP images need none)."
         )
-    state = context.read(layer, hidden_states, layer_name)
+    if state is None:
+        state = context.read(layer, hidden_states, layer_name)
+        if layer == 0 and state.num_tokens is None:
+            context.write(0, TokenState(hidden_states.shape[1]))  # only records the input length; sizes stay None
     batch, num_tokens, _ = hidden_states.shape
-    if layer == 0 and state.num_tokens is None:
-        context.write(0, TokenState(num_tokens))  # only records the input length; sizes stay None (all ones)
 
     # attention, with the keys kept as the matching metric
     residual = hidden_states
     normed = getattr(block, layout.ln_before)(hidden_states)
-    query = getattr(attn, layout.q_proj)(normed)
-    key = getattr(attn, layout.k_proj)(normed)
-    value = getattr(attn, layout.v_proj)(normed)
-    if qkv_delta is not None:
-        dq, dk, dv = qkv_delta(normed)
-        query, key, value = query + dq, key + dk, value + dv
-    head_dim = attn.head_dim
-    hidden_shape = (batch, num_tokens, -1, head_dim)
-    bias = log_size_bias(state.size, dtype=query.dtype) if settings.prop_attn else None
-    eager = getattr(sys.modules[type(attn).__module__], "eager_attention_forward", None) or vit_eager_attention
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager)
-    attn_output, attn_weights = interface(
-        attn,
-        query.view(hidden_shape).transpose(1, 2),
-        key.view(hidden_shape).transpose(1, 2),
-        value.view(hidden_shape).transpose(1, 2),
-        bias,
-        dropout=0.0 if not attn.training else getattr(attn, layout.attention_dropout),
-        scaling=getattr(attn, layout.scaling),
-        **kwargs,
+    bias = log_size_bias(state.size) if settings.prop_attn else None
+    attn_output, key = block_attention(
+        block, layout, normed, bias, kwargs, qkv_delta, settings.method, layer_name, cast_mask=True
     )
-    attn_output = attn_output.reshape(batch, num_tokens, -1).contiguous()
-    attn_output = getattr(attn, layout.o_proj)(attn_output)
-    _fire_forward_hooks(attn, (normed,), (attn_output, attn_weights))
+    head_dim = attn.head_dim
     if layout.dropout is not None:
         attn_output = getattr(block, layout.dropout)(attn_output)
     hidden = attn_output + residual
@@ -301,7 +339,7 @@ def run_merging_block(
     out = out + residual
     context.write(layer + 1, TokenState(out.shape[1], size, source))
     if fire_block_hooks:
-        _fire_forward_hooks(block, (hidden_states, attention_mask), out)
+        _fire_forward_hooks(block, (hidden_states if block_input is None else block_input, attention_mask), out)
     return out
 
 

@@ -1,0 +1,140 @@
+"""FLOPs of a model and of its slimmed variants.
+
+Convention (one for the whole package): FLOPs as counted by `torch.utils.flop_counter.FlopCounterMode` for one forward
+pass of the example inputs — 2 per multiply-accumulate of every conv, linear and matmul; BatchNorm, activations and
+pooling are not counted. `FlopsModel` measures the model once and then predicts the count for any width vector
+exactly (the conv/linear terms are bilinear in their input and output widths; everything else is constant), so a
+greedy pruner can query it thousands of times.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .groups import ChannelGroup
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def round_to(width: int, multiple: int | None, maximum: int | None = None) -> int:
+    """`width` rounded *up* to a multiple of `multiple` (kernels like multiples of 8/16), at least `multiple` and never
+    above `maximum` (the original width, which is kept as is)."""
+    rounded = width if not multiple or multiple <= 1 else max(multiple, math.ceil(width / multiple) * multiple)
+    return min(rounded, maximum) if maximum is not None else rounded
+
+
+def _call(model: nn.Module, example_inputs):
+    if isinstance(example_inputs, Mapping):
+        return model(**example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return model(*example_inputs)
+    return model(example_inputs)
+
+
+def count_flops(model: nn.Module, example_inputs) -> int:
+    """FLOPs of one forward pass (eval mode, no grad; the training flag is restored) of `model` on `example_inputs`
+    (a tensor, a tuple of positional inputs or a dict of keyword inputs), counted by `FlopCounterMode`."""
+    counter = FlopCounterMode(display=False)
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), counter:
+            _call(model, example_inputs)
+    finally:
+        model.train(training)
+    return int(counter.get_total_flops())
+
+
+@dataclass
+class _Term:
+    coeff: int          # FLOPs per (input channel x output channel)
+    in_group: str | None
+    in_mult: int        # input features per group channel (flatten block size; 1 for convs)
+    in_fixed: int       # used when in_group is None
+    out_group: str | None
+    out_fixed: int
+
+
+class FlopsModel:
+    """Exact FLOPs of `model` as a function of group widths, from one measured forward pass.
+
+    Use `FlopsModel.measure(model, example_inputs, groups)`; `flops(widths)` takes `{group name: width}` (missing
+    groups keep their full size); `baseline` is the measured count of the unpruned model."""
+
+    def __init__(self, baseline: int, terms: list[_Term], sizes: dict[str, int]):
+        self.baseline = baseline
+        self.terms = terms
+        self.sizes = dict(sizes)
+        self.constant = baseline - self._variable({})
+        self._by_group: dict[str, list[_Term]] = {}
+        for term in terms:
+            for name in {term.in_group, term.out_group} - {None}:
+                self._by_group.setdefault(name, []).append(term)
+
+    @classmethod
+    def measure(cls, model: nn.Module, example_inputs, groups: Sequence[ChannelGroup]) -> FlopsModel:
+        out_of, in_of = {}, {}
+        for group in groups:
+            for path, kind in group.producers:
+                out_of[path] = group
+                if kind == "depthwise":
+                    in_of[path] = None  # cost of a depthwise conv is linear in its width
+            for path in group.consumers:
+                in_of[path] = group
+        records: list[tuple[str, nn.Module, torch.Tensor]] = []
+        handles = [module.register_forward_hook(lambda mod, args, out, path=path: records.append((path, mod, out)))
+                   for path, module in model.named_modules() if isinstance(module, (*_CONVS, nn.Linear))]
+        try:
+            baseline = count_flops(model, example_inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        terms = []
+        for path, module, out in records:
+            if isinstance(module, nn.Linear):
+                coeff, in_dim, out_dim = 2 * (out.numel() // module.out_features), module.in_features, \
+                    module.out_features
+            else:
+                kernel = math.prod(module.kernel_size)
+                coeff = 2 * out.shape[0] * math.prod(out.shape[2:]) * kernel
+                in_dim, out_dim = module.in_channels // module.groups, module.out_channels
+            in_group = in_of.get(path)
+            out_group = out_of.get(path)
+            mult = in_dim // in_group.size if in_group is not None else 1
+            terms.append(_Term(coeff, in_group.name if in_group else None, mult, in_dim,
+                               out_group.name if out_group else None, out_dim))
+        return cls(baseline, terms, {g.name: g.size for g in groups})
+
+    def _variable(self, widths: Mapping[str, int], terms=None) -> int:
+        total = 0
+        for t in self.terms if terms is None else terms:
+            cin = t.in_mult * widths.get(t.in_group, self.sizes[t.in_group]) if t.in_group else t.in_fixed
+            cout = widths.get(t.out_group, self.sizes[t.out_group]) if t.out_group else t.out_fixed
+            total += t.coeff * cin * cout
+        return total
+
+    def flops(self, widths: Mapping[str, int]) -> int:
+        """Predicted FLOPs with the given widths (same convention and inputs as the measurement)."""
+        unknown = set(widths) - set(self.sizes)
+        if unknown:
+            raise ValueError(f"Unknown channel groups {sorted(unknown)}; known: {sorted(self.sizes)}.")
+        return self.constant + self._variable(widths)
+
+    def ratio(self, widths: Mapping[str, int]) -> float:
+        return self.flops(widths) / self.baseline
+
+    def group_cost(self, widths: Mapping[str, int], name: str) -> int:
+        """FLOPs of the terms that depend on group `name` at the given widths."""
+        return self._variable(widths, self._by_group.get(name, []))
+
+    def saving(self, widths: Mapping[str, int], name: str) -> int:
+        """FLOPs removed by taking one more channel out of group `name` at the current `widths`."""
+        terms = self._by_group.get(name, [])
+        fewer = {**widths, name: widths.get(name, self.sizes[name]) - 1}
+        return self._variable(widths, terms) - self._variable(fewer, terms)

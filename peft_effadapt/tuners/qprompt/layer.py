@@ -1,0 +1,156 @@
+"""The QPrompt layer: CLIP text embeddings whose placeholder rows receive the (quantised) prompt of the host."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from torch import nn
+
+from ...prompting import ContextPromptLayer, PromptSlots, prompt_rows
+from .config import QPromptConfig
+from .tensors import QuantizedTensors
+
+
+@dataclass(frozen=True)
+class QPromptSettings:
+    slots: PromptSlots
+    host: str
+    rlp_dropout: float = 0.0
+    maple_n_ctx: int = 0
+    prompt_depth: int = 1
+    vision_width: int | None = None
+
+
+def host_tensors(config: QPromptConfig, tok: torch.Tensor, vision_width: int | None) -> tuple[dict, torch.Tensor]:
+    """(latent tensors by name, frozen rows) of a new adapter. Frozen rows: RLP's P0, MaPLe's fixed text tokens."""
+    n, d = config.n_ctx, tok.shape[1]
+    device = tok.device if tok.device.type != "meta" else torch.device("cpu")
+    known = config.ctx_init_token_ids is not None and tok.device.type != "meta"
+    p0 = (tok[torch.tensor(config.ctx_init_token_ids, device=tok.device)].detach().float().to(device) if known
+          else None)
+    noise = (lambda shape: torch.randn(shape, device=device) * 0.5) if not config.init_weights else None
+    std = config.init_std
+    if config.host == "coop":
+        ctx = p0.clone() if p0 is not None else torch.randn(n, d, device=device) * std
+        tensors = {"ctx": ctx}
+        frozen = torch.zeros(0, d, device=device)
+    elif config.host == "rlp":
+        r = config.rlp_rank
+        tensors = {"A": torch.zeros(n, r, device=device), "B": torch.randn(r, d, device=device) * std}
+        frozen = p0 if p0 is not None else torch.zeros(n, d, device=device)
+    else:
+        if vision_width is None:
+            raise ValueError("host='maple' needs a CLIPModel (text and vision towers); the model has no vision tower.")
+        m, depth = config.maple_n_ctx, config.prompt_depth
+        ctx = p0[:m].clone() if p0 is not None else torch.randn(m, d, device=device) * std
+        if p0 is not None:
+            frozen = p0[m:].clone()
+        else:
+            frozen = tok[config.placeholder_token_id].detach().float().to(device).expand(n - m, d).clone()
+        proj = nn.Linear(d, vision_width, device=device)
+        coupling = nn.Linear(d, vision_width, device=device)  # all deep couplings start as copies of one layer
+        tensors = {"ctx": ctx, "proj_weight": proj.weight.detach(), "proj_bias": proj.bias.detach()}
+        for i in range(1, depth):
+            tensors[f"deep_text_{i}"] = torch.randn(m, d, device=device) * std
+        for i in range(1, depth):
+            tensors[f"coupling_{i}_weight"] = coupling.weight.detach().clone()
+            tensors[f"coupling_{i}_bias"] = coupling.bias.detach().clone()
+    if noise is not None:
+        tensors = {k: v + noise(v.shape) for k, v in tensors.items()}
+    return tensors, frozen
+
+
+class QPromptLayer(ContextPromptLayer):
+    """CLIP text embeddings plus, per adapter, `qprompt_params` (the latent tensors of the host prompt, quantised in
+    every forward) and the non-persistent frozen rows `qprompt_frozen` (rebuilt from the vocabulary, never saved)."""
+
+    adapter_layer_names = ("qprompt_params",)
+    other_param_names = ("qprompt_frozen", "qprompt_settings")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: QPromptConfig,
+                 vision_width: int | None = None) -> None:
+        super().__init__(base_layer)
+        self.qprompt_params = nn.ModuleDict({})
+        self.qprompt_frozen = BufferDict({}, persistent=False)
+        self.qprompt_settings: dict[str, QPromptSettings] = {}
+        self.vision_width = vision_width
+        self._prompt_rows: torch.Tensor | None = None  # rows of the current text batch in prompt format (MaPLe)
+        self._maple_hooks: list = []  # handles of the deep-prompt hooks on other CLIP modules (maple.py)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def update_layer(self, adapter_name: str, config: QPromptConfig, inference_mode: bool = False) -> None:
+        tok = self.token_embedding.weight
+        tensors, frozen = host_tensors(config, tok, self.vision_width)
+        self.qprompt_params[adapter_name] = QuantizedTensors(tensors, config, config.host)
+        self.qprompt_frozen[adapter_name] = frozen.float()
+        self.qprompt_settings[adapter_name] = QPromptSettings(
+            PromptSlots(config.n_ctx, config.placeholder_token_id), config.host, float(config.rlp_dropout),
+            config.maple_n_ctx, config.prompt_depth, self.vision_width)
+        self._move_to_base_device(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def has_adapter(self, adapter_name: str) -> bool:
+        return adapter_name in self.qprompt_params
+
+    def slots(self, adapter_name: str) -> PromptSlots:
+        return self.qprompt_settings[adapter_name].slots
+
+    def tensors(self, adapter_name: str) -> QuantizedTensors:
+        return self.qprompt_params[adapter_name]
+
+    def value(self, adapter_name: str, name: str) -> torch.Tensor:
+        return self.qprompt_params[adapter_name].value(name, self.training)
+
+    def context(self, adapter_name: str) -> torch.Tensor:
+        """The n x d prompt written at the placeholders: CoOp Q(ctx); RLP P0 + Drop(Q(A) @ Q(B)) (the quantised
+        low-rank factors, collapsed in eval); MaPLe [Q(ctx); fixed rows]."""
+        host = self.qprompt_settings[adapter_name].host
+        if host == "coop":
+            return self.value(adapter_name, "ctx")
+        frozen = self.qprompt_frozen[adapter_name]
+        if host == "rlp":
+            delta = self.value(adapter_name, "A") @ self.value(adapter_name, "B")
+            delta = nn.functional.dropout(delta, self.qprompt_settings[adapter_name].rlp_dropout, self.training)
+            return frozen + delta
+        return torch.cat([self.value(adapter_name, "ctx"), frozen], dim=0)
+
+    def prompt_matrix(self, adapter_name: str | None = None) -> torch.Tensor:
+        """The prompt as deployed (eval form, detached)."""
+        name = adapter_name or self._active_prompt_adapter()
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                return self.context(name).detach().clone()
+        finally:
+            self.train(was_training)
+
+    def forward(self, input_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        name = self.maple_adapter()
+        if name is not None and input_ids is not None:
+            self._prompt_rows = prompt_rows(input_ids, self.slots(name))
+        else:
+            self._prompt_rows = None
+        return super().forward(input_ids=input_ids, position_ids=position_ids, inputs_embeds=inputs_embeds)
+
+    # -- MaPLe: what the deep hooks read ---------------------------------------------------------------------------
+    def maple_adapter(self) -> str | None:
+        """The active adapter if it is a MaPLe host and the layer is enabled and unmerged, else None."""
+        if self.disable_adapters or self.merged:
+            return None
+        name = self._active_prompt_adapter()
+        return name if name is not None and self.qprompt_settings[name].host == "maple" else None
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        names = adapter_names or [n for n in self.active_adapters if self.has_adapter(n)]
+        maple = [n for n in names if self.has_adapter(n) and self.qprompt_settings[n].host == "maple"]
+        if maple:
+            raise ValueError(
+                f"QPrompt adapter '{maple[0]}' has a MaPLe host: its vision prompts change the image encoder and cannot "
+                "be merged into CLIP's weights. Keep the adapter unmerged."
+            )
+        super().merge(safe_merge=safe_merge, adapter_names=adapter_names)

@@ -1,0 +1,129 @@
+from __future__ import annotations
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+
+from ...adapter_checks import undo_injection
+from ...prompting import ContextPromptTuner
+from ...targeting import unwrap_to_tuner_layers
+from .config import QPromptConfig
+from .layer import QPromptLayer
+from .maple import check_depth, install_hooks, remove_hooks
+
+PEFT_PREFIX = "base_model.model."
+
+
+class QPromptModel(ContextPromptTuner):
+    """QPrompt on a Hugging Face `CLIPModel` (`CLIPTextModel` for the CoOp/RLP hosts):
+    `get_peft_model(clip, QPromptConfig(host="coop", bits=1, ...))`.
+
+    Feed text in placeholder format ("[BOS] X X X X {class}. [EOS]", e.g. through
+    `peft_effadapt.CLIPZeroShotClassifier`); the quantised prompt replaces the placeholders (and, for the MaPLe host,
+    deep text/vision prompts are written by hooks). Saved: packed indices + fp16 codebook per quantised tensor (and
+    the fp32 latents only with `save_latents=True`); loading rebuilds exactly the quantised prompt. CoOp/RLP hosts
+    merge into the position embeddings like CoOp; a MaPLe host cannot be merged.
+    """
+
+    prefix: str = "qprompt_"
+    tuner_layer_cls = QPromptLayer
+    method_name = "QPrompt"
+
+    # -- injection ------------------------------------------------------------------------------------------------
+    def _validate(self, config: QPromptConfig, embed_dim: int) -> None:
+        if config.host == "rlp" and config.rlp_rank > min(config.n_ctx, embed_dim):
+            raise ValueError(f"rlp_rank={config.rlp_rank} exceeds min(n_ctx={config.n_ctx}, d={embed_dim}).")
+        if config.host == "maple":
+            check_depth(self.model, config.prompt_depth)
+            if config.maple_n_ctx > config.n_ctx:
+                raise ValueError(f"maple_n_ctx={config.maple_n_ctx} exceeds n_ctx={config.n_ctx}.")
+
+    def _vision_width(self) -> int | None:
+        vision = getattr(getattr(self.model, "config", None), "vision_config", None)
+        return getattr(vision, "hidden_size", None) if getattr(self.model, "vision_model", None) is not None else None
+
+    def _new_layer(self, target: nn.Module, adapter_name: str, config: QPromptConfig) -> QPromptLayer:
+        return QPromptLayer(target, adapter_name, config, vision_width=self._vision_width())
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        config: QPromptConfig = self.peft_config[adapter_name]
+        if config.host == "maple":
+            check_depth(model, config.prompt_depth)  # before anything is replaced
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        if config.host == "maple":
+            for _, layer in unwrap_to_tuner_layers(model, QPromptLayer):
+                install_hooks(layer, model)
+
+    def _unload_and_optionally_merge(self, merge=True, progressbar: bool = False, safe_merge: bool = False,
+                                     adapter_names=None):
+        if merge:
+            self._check_merge_allowed()
+            for _, layer in unwrap_to_tuner_layers(self.model, QPromptLayer):
+                names = adapter_names or [n for n in layer.active_adapters if layer.has_adapter(n)]
+                if any(layer.qprompt_settings[n].host == "maple" for n in names if layer.has_adapter(n)):
+                    layer.merge(adapter_names=names)  # raises the MaPLe error before anything changes
+        for _, layer in unwrap_to_tuner_layers(self.model, QPromptLayer):
+            remove_hooks(layer)
+        return super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=safe_merge,
+                                                    adapter_names=adapter_names)
+
+    # -- inspection -----------------------------------------------------------------------------------------------
+    def prompt_matrix(self, adapter_name: str | None = None) -> torch.Tensor:
+        """The n x d text prompt as deployed (quantised, eval form) of an adapter (the active one by default)."""
+        return self.prompt_layer().prompt_matrix(adapter_name)
+
+    def refit_counts(self, adapter_name: str | None = None) -> dict[str, int]:
+        """Codebook refits per quantised tensor since creation or loading (CAC; log them to compare runs)."""
+        layer = self.prompt_layer()
+        return layer.tensors(adapter_name or layer._active_prompt_adapter()).refits()
+
+    # -- storage --------------------------------------------------------------------------------------------------
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """Replaces each quantised latent by '<name>_indices' (packed) and '<name>_codebook' (fp16)."""
+        out = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        for layer_name, layer in unwrap_to_tuner_layers(model, QPromptLayer):
+            if not layer.has_adapter(adapter_name):
+                continue
+            base = f"{layer_name}.qprompt_params.{adapter_name}."
+            for key in [k for k in out if k.startswith(base)]:
+                del out[key]
+            encoded = layer.tensors(adapter_name).encode(save_latents=bool(getattr(config, "save_latents", False)))
+            out.update({base + k: v for k, v in encoded.items()})
+        return out
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """Checks the stored tensors against the config (the layers decode them at their next use); on any mismatch
+        removes the half-injected adapter and raises (nothing loaded)."""
+        try:
+            converted = cls._decode(model, adapter_name, state_dict)
+        except ValueError:
+            undo_injection(model, adapter_name)
+            raise
+        return BaseTuner._remap_adapter_state_dict_for_load.__func__(cls, model, config, adapter_name, converted)
+
+    @classmethod
+    def _decode(cls, model, adapter_name, state_dict):
+        marker = ".qprompt_params."
+        by_layer: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in state_dict.items():
+            if marker in key:
+                layer_name, _, name = key.removeprefix(PEFT_PREFIX).partition(marker)
+                by_layer.setdefault(layer_name, {})[name] = value
+            elif "." + cls.prefix in key or key.startswith(cls.prefix):
+                raise ValueError(
+                    f"The QPrompt adapter file holds {key!r}, which is no QPrompt tensor of this model (they live "
+                    "under '<text embeddings>.qprompt_params.'). It belongs to another model or config."
+                )
+        for layer_name, layer in unwrap_to_tuner_layers(model, QPromptLayer):
+            if not layer.has_adapter(adapter_name):
+                continue
+            layer_name = layer_name.removeprefix(PEFT_PREFIX)
+            layer.tensors(adapter_name).check_stored(by_layer.pop(layer_name, {}), layer_name)
+        if by_layer:
+            raise ValueError(
+                f"The QPrompt adapter file has tensors for modules the model does not adapt: {sorted(by_layer)[:5]}. "
+                "It belongs to another model or config."
+            )
+        return state_dict
