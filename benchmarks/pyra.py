@@ -25,6 +25,7 @@ import time
 import numpy as np
 import torch
 from peft import get_peft_model
+from plots import line_plot_svg
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import ViTConfig, ViTForImageClassification
 
@@ -203,25 +204,16 @@ def run_speed(args) -> dict:
     return result
 
 
-def plot(results: dict, path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot (the numbers are in the JSON)")
-        return False
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+def plot(results: dict, path) -> None:
+    """Accuracy (%) against MFLOPs per image: one series per method family (points: no merging, low, high)."""
+    families: dict[str, list[tuple[float, float]]] = {}
     for name, summary in results["methods"].items():
-        ax.errorbar(summary["gflops"] * 1e3, summary["accuracy"] * 100, yerr=summary["accuracy_std"] * 100,
-                    fmt="o", label=name, capsize=3)
-    ax.set_xlabel("MFLOPs per image (merged, eager)")
-    ax.set_ylabel(f"test accuracy on {results['task']} (%)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return True
+        family = "LoRA + ToMe" if name.startswith("lora+tome") else "PYRA" if name.startswith("pyra") else "LoRA"
+        families.setdefault(family, []).append((summary["gflops"] * 1e3, summary["accuracy"] * 100))
+    families["LoRA + ToMe"] = families.get("LoRA + ToMe", []) + families.get("LoRA", [])
+    families["PYRA"] = families.get("PYRA", []) + families.get("LoRA", [])
+    line_plot_svg(path, families, xlabel="MFLOPs per image (merged, eager)",
+                  ylabel=f"test accuracy on {results['task']} (%)", title="PYRA vs LoRA + ToMe (tiny ViT)")
 
 
 def main():
@@ -244,15 +236,15 @@ def main():
     torch.set_num_threads(args.threads)
     payload = {"args": vars(args)}
     previous = RESULTS / "pyra.json"
-    if args.skip_accuracy and previous.exists():  # keep the last accuracy run next to a new speed run
-        old = json.loads(previous.read_text())
-        for key in ("accuracy_vs_flops", "plot"):
-            if key in old:
-                payload[key] = {**old[key], "command": old.get("command")} if isinstance(old[key], dict) else old[key]
+    old = json.loads(previous.read_text()) if previous.exists() else {}
+    kept = ("accuracy_vs_flops", "plot") if args.skip_accuracy else ("speed",) if not args.speed else ()
+    for key in kept:  # keep the last run of the part not rerun now, with the command that made it
+        if key in old:
+            payload[key] = {**old[key], "command": old.get("command")} if isinstance(old[key], dict) else old[key]
     if not args.skip_accuracy:
         payload["accuracy_vs_flops"] = run_accuracy(args)
-        if plot(payload["accuracy_vs_flops"], RESULTS / "pyra.png"):
-            payload["plot"] = "benchmarks/results/pyra.png"
+        plot(payload["accuracy_vs_flops"], RESULTS / "pyra.svg")
+        payload["plot"] = "benchmarks/results/pyra.svg"
     if args.speed:
         payload["speed"] = run_speed(args)
     write_result("pyra", payload)

@@ -83,7 +83,7 @@ def main(argv=None) -> None:
     # n = 4 from "a photo of a", rank 1: the model starts exactly as zero-shot CLIP with that template
     config = RLPConfig(ctx_init="a photo of a", rank=args.rank, lowrank_dropout=0.1).resolve_tokens(tokenizer)
     set_seed(0)  # the low-rank factor A is initialised randomly: seed it for a reproducible run
-model = get_peft_model(clip, config)
+    model = get_peft_model(clip, config)
     model.print_trainable_parameters()
     classifier = CLIPZeroShotClassifier(model, tokenizer, base_train.features["label"].names)
 

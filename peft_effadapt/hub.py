@@ -83,6 +83,21 @@ def render_model_card(
     )
 
 
+def _checked_repo_and_token(repo_id: str, token: str | None) -> str:
+    """The token to upload with, after checking that `repo_id` is a valid 'owner/name'; raises ValueError before
+    anything touches the network."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(f"Malformed repo id {repo_id!r}: {err}") from None
+    if "/" not in repo_id:
+        raise ValueError(f"Repo id {repo_id!r} must name its owner: 'user-or-org/name'.")
+    token = token or get_token()
+    if not token:
+        raise ValueError("No Hugging Face token: pass token=... or log in (`hf auth login` / HF_TOKEN).")
+    return token
+
+
 def push_adapter_to_hub(
     model,
     repo_id: str,
@@ -97,15 +112,7 @@ def push_adapter_to_hub(
 
     Checks the repo id, the token and the card before anything is created or uploaded.
     """
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as err:
-        raise ValueError(f"Malformed repo id {repo_id!r}: {err}") from None
-    if "/" not in repo_id:
-        raise ValueError(f"Repo id {repo_id!r} must name its owner: 'user-or-org/name'.")
-    token = token or get_token()
-    if not token:
-        raise ValueError("No Hugging Face token: pass token=... or log in (`hf auth login` / HF_TOKEN).")
+    token = _checked_repo_and_token(repo_id, token)
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         card = render_model_card(tmp, repo_id, **card_fields)
@@ -200,15 +207,7 @@ def push_slimmed_model_to_hub(
     created or uploaded."""
     from .pruning.plan import load_slimmed
 
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as err:
-        raise ValueError(f"Malformed repo id {repo_id!r}: {err}") from None
-    if "/" not in repo_id:
-        raise ValueError(f"Repo id {repo_id!r} must name its owner: 'user-or-org/name'.")
-    token = token or get_token()
-    if not token:
-        raise ValueError("No Hugging Face token: pass token=... or log in (`hf auth login` / HF_TOKEN).")
+    token = _checked_repo_and_token(repo_id, token)
     directory = Path(directory)
     card = render_slimmed_card(directory, repo_id, **card_fields)
     load_slimmed(directory)  # raises if plan and weights disagree: never publish a folder that cannot be reloaded

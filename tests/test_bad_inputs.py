@@ -447,9 +447,7 @@ def _entry_point_cases():
     }
 
 
-ENTRY_POINT_GAPS = {
-    "resrep-lasso-string": "ResRepCallback compares before checking the type: raw TypeError without the name",
-}
+ENTRY_POINT_GAPS: dict[str, str] = {}  # entry-point case -> why the library still lets it through
 ENTRY_POINTS = [pytest.param(name, marks=[pytest.mark.xfail(reason=ENTRY_POINT_GAPS[name], strict=False)]
                              if name in ENTRY_POINT_GAPS else []) for name in _entry_point_cases()]
 

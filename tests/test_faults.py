@@ -1,6 +1,6 @@
 """Fault injection: a training run stopped by SIGKILL and resumed from its last checkpoint ends where an
-uninterrupted run ends. Uses the reusable harness in `tests/fault_injection.py`; the pruning callbacks and the LFTL
-loop get their own scripts in the same form."""
+uninterrupted run ends. Uses the reusable harness in `tests/fault_injection.py`; the C-SGD, ResRep and LFTL runs are
+scripts in `tests/fault_scripts/` (the Consolidator run and the harness's own check are inline)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from fault_injection import assert_same_tensors, finish, kill_when, start
+from safetensors.torch import load_file
 
 COUNTER = r'''
 """A toy job for the harness itself: accumulates a sum over 10 steps, checkpointing after every step."""
@@ -124,15 +125,16 @@ SCRIPTS = Path(__file__).resolve().parent / "fault_scripts"
 
 
 def kill_and_resume(script: str, tmp_path: Path, marker: str) -> tuple[Path, Path]:
-    """Runs `script` uninterrupted (reference) and, alongside, a victim SIGKILLed as soon as `<victim>/<marker>`
-    exists; then resumes the victim in the same folder. Scripts write `first-step.json` when their first step starts
+    """Runs `script` uninterrupted (reference, mode "fresh") and, alongside, a victim (mode "victim": it stalls at a
+    fixed point after writing `marker`) SIGKILLed as soon as `<victim>/<marker>` exists; then resumes the victim in
+    the same folder (mode "resume"). Scripts write `first-step.json` when their first step starts
     (removed after the kill, so it then tells where the resumed run started) and `final/` at the end. Returns
     (reference folder, victim folder)."""
     reference_dir, victim_dir = tmp_path / "reference", tmp_path / "victim"
     reference_dir.mkdir()
     victim_dir.mkdir()
     reference = start(SCRIPTS / script, [reference_dir, "fresh"])
-    victim = start(SCRIPTS / script, [victim_dir, "fresh"])
+    victim = start(SCRIPTS / script, [victim_dir, "victim"])
     try:
         kill_when(victim, victim_dir / marker)
         assert not (victim_dir / "final").exists()
@@ -162,10 +164,11 @@ def assert_same_plans(a: Path, b: Path) -> dict:
 
 @pytest.mark.slow  # three processes that import transformers: ~15 s of CPU
 def test_csgd_trainer_killed_after_first_checkpoint_trims_to_the_same_model(tmp_path):
-    """C-SGD on the tiny HF ResNet (k-means clusters), 12 steps, checkpoints every 4: SIGKILL right after checkpoint 4,
-    `resume_from_checkpoint=True` with `restore_callback_states_from_checkpoint=True`. The resumed run restarts at
-    step 4 with the stored clusters (not re-clustered from the half-trained weights), and its trimmed model and
-    slimming plan equal the uninterrupted run's (tensors within 1e-6, kept channels and clusters exactly)."""
+    """C-SGD on the tiny HF ResNet (k-means clusters), 12 steps, checkpoints every 4: SIGKILL right after checkpoint 4
+    (during step 5, whose update is lost), then `resume_from_checkpoint=True` with
+    `restore_callback_states_from_checkpoint=True`. The resumed run restarts at step 4 with the stored clusters (not
+    re-clustered from the half-trained weights), and its trimmed model and slimming plan equal the uninterrupted run's
+    (tensors within 1e-6 - in practice bit for bit -, kept channels and clusters exactly, in the same group order)."""
     reference, victim = kill_and_resume("train_csgd.py", tmp_path, "saved-4")
     assert read_json(victim / "first-step.json") == {"mode": "resume", "global_step": 4}, "did not resume at step 4"
     plan = assert_same_plans(reference / "final" / "slimming_plan.json", victim / "final" / "slimming_plan.json")
@@ -177,3 +180,57 @@ def test_csgd_trainer_killed_after_first_checkpoint_trims_to_the_same_model(tmp_
     assert [s for s, _ in ran_victim["deviation_history"]] == [2, 4, 6, 8, 10, 12]  # restored, then continued
     for (_, dv), (_, dr) in zip(ran_victim["deviation_history"], ran_reference["deviation_history"]):
         assert dv == pytest.approx(dr, rel=1e-5, abs=1e-9)
+
+
+@pytest.mark.slow  # three processes that import transformers: ~15 s of CPU
+def test_resrep_trainer_killed_after_first_checkpoint_converts_to_the_same_model(tmp_path):
+    """ResRep on the tiny basic-block HF ResNet, masks every 2 steps after step 2, 16 steps, checkpoints every 6:
+    SIGKILL right after checkpoint 6 (during step 7; checkpoint 6 already holds masked channels), then plain
+    `resume_from_checkpoint=True`. The resumed run restarts at step 6 with the checkpoint's masks and counters, and
+    its converted model and plan equal the uninterrupted run's (tensors within 1e-6; kept channels, mask-update count
+    and target step exactly)."""
+    reference, victim = kill_and_resume("train_resrep.py", tmp_path, "saved-6")
+    assert read_json(victim / "first-step.json") == {"mode": "resume", "global_step": 6}, "did not resume at step 6"
+    masks = {k: v for k, v in load_file(victim / "checkpoint-6" / "model.safetensors").items() if k.endswith(".mask")}
+    assert masks and any((m == 0).any() for m in masks.values())  # masks set before the kill must come back
+    plan = assert_same_plans(reference / "slimmed" / "slimming_plan.json", victim / "slimmed" / "slimming_plan.json")
+    assert plan["method"] == "resrep" and any(g["width"] < g["size"] for g in plan["groups"])
+    compared = assert_same_tensors(reference / "slimmed" / "model.safetensors",
+                                   victim / "slimmed" / "model.safetensors")
+    assert compared > 1000
+    ran_reference, ran_victim = read_json(reference / "callback.json"), read_json(victim / "callback.json")
+    assert ran_victim.pop("mask_updates") == ran_reference.pop("mask_updates") == 7  # steps 4, 6, ..., 16
+    for key in ("last_update_step", "target_reached_step"):
+        assert ran_victim.pop(key) == ran_reference.pop(key) is not None, key
+    assert ran_victim == pytest.approx(ran_reference, rel=0, abs=1e-6)
+
+
+def test_lftl_loop_killed_in_round_2_resumes_without_losing_or_repeating_a_label(tmp_path):
+    """ActiveAdaptationLoop, 3 rounds (4 + 4 + 6 labels) on a tiny MLP, oracle = a callable logging every call to a
+    file. SIGKILL in the middle of round 2's VPA training (round 1's state saved, round 2's labels stored, its training
+    half done), then `run()` again on the same output_dir. The oracle is asked exactly once per round overall (round
+    2's stored labels are reused, no id is asked twice), and the labelled ids, every round's labels, the history and the
+    final weights (incl. batch-norm statistics) equal the uninterrupted run's exactly."""
+    reference, victim = kill_and_resume("lftl_loop.py", tmp_path, "mid-round-2")
+    starts = [json.loads(line) for line in (victim / "starts.jsonl").read_text().splitlines()]
+    assert starts == [{"mode": "victim", "completed_round": None}, {"mode": "resume", "completed_round": 1}]
+    assert (victim / "loop" / "round_002" / "labels.json").is_file()  # stored before the kill, so not asked again
+
+    def oracle_calls(run):
+        return [json.loads(line) for line in (run / "oracle.jsonl").read_text().splitlines()]
+
+    calls = oracle_calls(victim)
+    asked = [i for ids in calls for i in ids]
+    assert [len(ids) for ids in calls] == [4, 4, 6] and len(set(asked)) == len(asked) == 14  # none lost or repeated
+    assert calls == oracle_calls(reference)
+    state, reference_state = (read_json(run / "loop" / "loop_state.json") for run in (victim, reference))
+    assert state["completed_round"] == 3 and sorted(state["labelled_ids"]) == sorted(asked)
+    assert state == reference_state  # labelled ids and labels in order, schedule, config, full history
+    for r in (1, 2, 3):
+        assert (read_json(victim / "loop" / f"round_{r:03d}" / "labels.json")
+                == read_json(reference / "loop" / f"round_{r:03d}" / "labels.json"))
+    assert read_json(victim / "final" / "history.json") == read_json(reference / "final" / "history.json")
+    assert assert_same_tensors(reference / "final" / "model.safetensors", victim / "final" / "model.safetensors",
+                               atol=0) > 100
+    assert_same_tensors(reference / "loop" / "round_003" / "adapted.safetensors",
+                        victim / "loop" / "round_003" / "adapted.safetensors", atol=0)

@@ -15,7 +15,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForImageClassification, Trainer, TrainingArguments, set_seed
 
-import peft_effadapt  # registers Consolidator (and the other methods) with peft
+import peft_effadapt  # noqa: F401  (registers Consolidator (and the other methods) with peft)
 from peft_effadapt import ConsolidatorConfig
 from peft_effadapt.testing import checkpoint_path, make_classification_dataset
 from peft_effadapt.testing.processing import ShapesImageProcessor

@@ -15,7 +15,7 @@ from peft import PeftModel, get_peft_model
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import Trainer, TrainingArguments, set_seed
 
-import peft_effadapt  # registers PYRA and ToMe with peft
+import peft_effadapt  # noqa: F401  (registers PYRA and ToMe with peft)
 from peft_effadapt import PYRAConfig, ToMeConfig, pyra_param_groups
 from peft_effadapt.testing import load_tiny_vit, make_classification_dataset
 from peft_effadapt.testing.processing import ShapesImageProcessor, dataset_images

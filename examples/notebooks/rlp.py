@@ -15,7 +15,7 @@ from datasets import Dataset
 from peft import PeftModel, get_peft_model
 from transformers import Trainer, TrainingArguments, set_seed
 
-import peft_effadapt  # registers RLP (and the other methods) with peft
+import peft_effadapt  # noqa: F401  (registers RLP (and the other methods) with peft)
 from peft_effadapt import CLIPZeroShotClassifier, RLPConfig
 from peft_effadapt.tasks import evaluate_base_to_novel
 from peft_effadapt.testing import (

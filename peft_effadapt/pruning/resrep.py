@@ -75,6 +75,13 @@ class ResRepCallback(TrainerCallback, ExportableState):
                  drop_masked_rows_on_convert: bool = False, round_to: int | None = None,
                  convert_on_train_end: bool = True, check_equivalence: bool = True, equivalence_tol: float = 1e-5,
                  save_plan: bool = True):
+        numbers = {"flops_target": flops_target, "lasso_strength": lasso_strength, "mask_interval": mask_interval,
+                   "warmup_epochs": warmup_epochs, "begin_granularity": begin_granularity,
+                   "min_channels": min_channels, "conversion_threshold": conversion_threshold,
+                   "equivalence_tol": equivalence_tol}
+        for name, value in numbers.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+                raise ValueError(f"{name} must be a number, got {value!r}.")
         if not 0.0 < flops_target < 1.0:
             raise ValueError(f"flops_target is the remaining FLOPs fraction and must lie in (0, 1), got {flops_target}.")
         if mask_interval < 1 or begin_granularity < 1 or min_channels < 1:

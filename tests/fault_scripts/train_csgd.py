@@ -1,20 +1,21 @@
-"""Trainer + CentripetalSGDCallback on the tiny HF ResNet of tests/test_csgd.py: argv = output_dir mode(fresh|resume).
+"""Trainer + CentripetalSGDCallback on the tiny HF ResNet of tests/test_csgd.py: argv = output_dir
+mode(fresh|victim|resume).
 
 12 SGD steps (batch 8 of 64 generated images: 8 steps per epoch, so the run crosses an epoch), a checkpoint every 4
 steps; the model is trimmed at train end and written with its slimming plan to `<output_dir>/final`. The trim's
 equivalence check is off: 12 steps do not converge the clusters, and the fault test compares the two runs' trimmed
-models with each other, not with the wide one. `<output_dir>/saved-N` appears once checkpoint N is complete.
+models with each other, not with the wide one. Markers: `progress.py`.
 """
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from datasets import Dataset
-from transformers import ResNetConfig, ResNetForImageClassification, Trainer, TrainerCallback, TrainingArguments
+from progress import Progress
+from transformers import ResNetConfig, ResNetForImageClassification, Trainer, TrainingArguments
 
 from peft_effadapt.pruning.csgd import CentripetalSGDCallback
 
@@ -27,21 +28,6 @@ pixels = rng.normal(0, 1, (64, 3, 16, 16)).astype(np.float32)
 pixels[np.arange(64), labels % 3] += 1.0
 data = Dataset.from_dict({"pixel_values": pixels, "labels": labels}).with_format("torch")
 
-
-class Progress(TrainerCallback):
-    def on_step_begin(self, args, state, control, **kwargs):
-        first = out / "first-step.json"
-        if not first.exists():
-            first.write_text(json.dumps({"mode": mode, "global_step": state.global_step}))
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if mode == "fresh" and state.global_step > 4:
-            time.sleep(0.3)  # widens the window between the first checkpoint and the end (no effect on numbers)
-
-    def on_save(self, args, state, control, **kwargs):  # runs after the checkpoint is complete
-        (out / f"saved-{state.global_step}").touch()
-
-
 torch.manual_seed(0)
 model = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[16, 32], depths=[2, 1],
                                                   layer_type="bottleneck", num_labels=5))
@@ -52,7 +38,7 @@ args = TrainingArguments(output_dir=str(out), max_steps=12, per_device_train_bat
                          lr_scheduler_type="linear", save_strategy="steps", save_steps=4, logging_steps=2,
                          restore_callback_states_from_checkpoint=True, report_to=[], use_cpu=True, seed=0,
                          data_seed=0, dataloader_num_workers=0, disable_tqdm=True)
-trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback, Progress()])
+trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback, Progress(out, mode)])
 trainer.train(resume_from_checkpoint=True if mode == "resume" else None)
 # the Trainer replaces a restored callback by a new instance: read the one it actually ran
 ran = next(c for c in trainer.callback_handler.callbacks if isinstance(c, CentripetalSGDCallback))
