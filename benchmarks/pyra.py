@@ -8,10 +8,15 @@
     GFLOPs: torch.utils.flop_counter.FlopCounterMode, eager attention, one image, after merge_and_unload (LoRA
     folded: the deployed model). The claim checked: PYRA keeps more accuracy than LoRA + ToMe at equal compression.
     If the bundled checkpoint is absent the script pretrains the same architecture on `shapes` first (--pretrain-steps).
+    --backbone clip: the same experiment on the bundled tiny CLIP's vision tower (`load_tiny_clip()`: 32x32, patch 4
+    -> 65 tokens, 3 layers) as a `CLIPVisionModel` (PYRA wraps it; CLIPForImageClassification mean-pools the patch
+    tokens and is not a supported token-merging model) with a seeded linear head on its pooled class token. Written
+    under `accuracy_vs_flops_clip` (plot pyra_clip.svg); the other sections of pyra.json are kept.
 (b) Speed (--speed): ViT-B/16-shaped ViTForImageClassification, random weights, batch 8, 224x224, inference:
     images/s of ToMe r=16 and of merged PYRA low/high relative to the unmerged model and to ToMe r=16.
 
-    python benchmarks/pyra.py [--threads 1] [--task clutter] [--epochs 15] [--seeds 0 1] [--speed] [--repeats 3]
+    python benchmarks/pyra.py [--backbone vit|clip] [--threads 1] [--task clutter] [--epochs 15] [--seeds 0 1]
+                              [--speed] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -21,13 +26,14 @@ import copy
 import json
 import math
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 from peft import get_peft_model
 from plots import line_plot_svg
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import ViTConfig, ViTForImageClassification
+from transformers import CLIPVisionModel, ViTConfig, ViTForImageClassification
 
 from peft_effadapt import PYRAConfig, ToMeConfig, pyra_param_groups
 from peft_effadapt.testing import CLASSIFICATION_SETS, make_classification_dataset
@@ -80,6 +86,31 @@ def backbone(args) -> tuple[str, ViTForImageClassification, ShapesImageProcessor
     return f"tiny ViT pretrained here ({args.pretrain_steps} steps on shapes)", model.eval(), processor
 
 
+class CLIPVisionClassifier(torch.nn.Module):
+    """The CLIP vision tower plus a linear head on its pooled (post-LayerNorm) class token; PYRA adapts `tower`."""
+
+    def __init__(self, tower: CLIPVisionModel, num_labels: int):
+        super().__init__()
+        self.tower, self.config = tower, tower.config
+        self.classifier = torch.nn.Linear(tower.config.hidden_size, num_labels)
+
+    def set_attn_implementation(self, implementation: str) -> None:
+        self.tower.set_attn_implementation(implementation)
+
+    def forward(self, pixel_values):
+        return SimpleNamespace(logits=self.classifier(self.tower(pixel_values=pixel_values).pooler_output))
+
+
+def clip_backbone():
+    from peft_effadapt.testing import load_tiny_clip
+
+    clip, processor = load_tiny_clip()
+    tower = clip.vision_model  # in transformers 5 the CLIPModel's vision tower is itself a CLIPVisionModel
+    if not isinstance(tower, CLIPVisionModel):
+        raise TypeError(f"expected CLIPModel.vision_model to be a CLIPVisionModel, got {type(tower).__name__}")
+    return "bundled tiny_clip vision tower", CLIPVisionClassifier(tower.eval(), 1).eval(), processor.image_processor
+
+
 def with_new_head(model: ViTForImageClassification, num_labels: int, seed: int) -> ViTForImageClassification:
     model = copy.deepcopy(model)
     torch.manual_seed(seed)
@@ -112,8 +143,12 @@ def gflops(model, image_size: int) -> float:
 def adapt(base, method: dict, data, args, seed: int):
     (x, y), (xt, yt) = data
     torch.manual_seed(seed)
-    model = get_peft_model(base, PYRAConfig(merge_schedule=method["merge_schedule"], lora_r=args.rank,
-                                            modules_to_save=["classifier"]))
+    config = dict(merge_schedule=method["merge_schedule"], lora_r=args.rank)
+    if isinstance(base, CLIPVisionClassifier):  # PYRA wraps the tower; the head outside it stays trainable
+        model = base
+        model.tower = peft = get_peft_model(base.tower, PYRAConfig(**config))
+    else:
+        model = peft = get_peft_model(base, PYRAConfig(**config, modules_to_save=["classifier"]))
     if method["freeze_modulation"]:
         for name, p in model.named_parameters():
             if any(k in name for k in (".pyra_w_r.", ".pyra_w_d.", ".pyra_norm.")):
@@ -141,22 +176,28 @@ def adapt(base, method: dict, data, args, seed: int):
             optimizer.zero_grad()
     train_seconds = time.perf_counter() - start
     acc = accuracy(model, xt, yt)
-    deployed = model.merge_and_unload()
+    if isinstance(model, CLIPVisionClassifier):
+        model.tower = peft.merge_and_unload()
+        deployed = model
+    else:
+        deployed = model.merge_and_unload()
     acc_deployed = accuracy(deployed, xt, yt)
     return {"accuracy": acc, "accuracy_merged": acc_deployed, "train_seconds": round(train_seconds, 1),
             "gflops": gflops(deployed, x.shape[-1]),
             "trainable": trainable,
-            "layer_schedule": model.peft_config["default"].layer_schedule}
+            "layer_schedule": peft.peft_config["default"].layer_schedule}
 
 
 def run_accuracy(args) -> dict:
-    source, base, processor = backbone(args)
+    source, base, processor = backbone(args) if args.backbone == "vit" else clip_backbone()
     names = CLASSIFICATION_SETS[args.task].class_names
     data = (tensors(args.task, "train", processor, n_per_class=args.train_per_class),
             tensors(args.task, "test", processor))
-    results = {"backbone": source, "task": args.task, "classes": len(names), "tokens": (32 // 4) ** 2 + 1,
-               "base_gflops": gflops(base, 32), "methods": {}}
-    if tuple(names) == tuple(CLASSIFICATION_SETS["shapes"].class_names):  # same classes: the pretrained head applies
+    size, patch = base.config.image_size, base.config.patch_size
+    results = {"backbone": source, "task": args.task, "classes": len(names), "tokens": (size // patch) ** 2 + 1,
+               "base_gflops": gflops(base, size), "methods": {}}
+    same_classes = tuple(names) == tuple(CLASSIFICATION_SETS["shapes"].class_names)
+    if args.backbone == "vit" and same_classes:  # same classes: the pretrained head applies
         results["backbone_accuracy_before_adaptation"] = accuracy(base, *data[1])
         shapes_test = tensors("shapes", "test", processor)
         results["backbone_accuracy_on_shapes"] = accuracy(base, *shapes_test)
@@ -168,7 +209,8 @@ def run_accuracy(args) -> dict:
         summary.update(accuracy_std=float(np.std([r["accuracy"] for r in runs])), trainable=runs[0]["trainable"],
                        layer_schedule=runs[0]["layer_schedule"], runs=runs)
         results["methods"][name] = summary
-        print(f"{name:16s} acc {summary['accuracy']:.3f} ± {summary['accuracy_std']:.3f} "
+        print(f"{name:16s} r per layer {summary['layer_schedule']}  "
+              f"acc {summary['accuracy']:.3f} ± {summary['accuracy_std']:.3f} "
               f"(merged {summary['accuracy_merged']:.3f})  {summary['gflops'] * 1e3:.2f} MFLOPs")
     return results
 
@@ -204,7 +246,7 @@ def run_speed(args) -> dict:
     return result
 
 
-def plot(results: dict, path) -> None:
+def plot(results: dict, path, model: str = "tiny ViT") -> None:
     """Accuracy (%) against MFLOPs per image: one series per method family (points: no merging, low, high)."""
     families: dict[str, list[tuple[float, float]]] = {}
     for name, summary in results["methods"].items():
@@ -213,12 +255,14 @@ def plot(results: dict, path) -> None:
     families["LoRA + ToMe"] = families.get("LoRA + ToMe", []) + families.get("LoRA", [])
     families["PYRA"] = families.get("PYRA", []) + families.get("LoRA", [])
     line_plot_svg(path, families, xlabel="MFLOPs per image (merged, eager)",
-                  ylabel=f"test accuracy on {results['task']} (%)", title="PYRA vs LoRA + ToMe (tiny ViT)")
+                  ylabel=f"test accuracy on {results['task']} (%)", title=f"PYRA vs LoRA + ToMe ({model})")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--backbone", default="vit", choices=["vit", "clip"],
+                        help="clip: the accuracy experiment on the tiny CLIP vision tower (no speed part)")
     parser.add_argument("--task", default="clutter", choices=sorted(CLASSIFICATION_SETS))
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--batch", type=int, default=32)
@@ -237,11 +281,22 @@ def main():
     payload = {"args": vars(args)}
     previous = RESULTS / "pyra.json"
     old = json.loads(previous.read_text()) if previous.exists() else {}
-    kept = ("accuracy_vs_flops", "plot") if args.skip_accuracy else ("speed",) if not args.speed else ()
+    if args.backbone == "clip":
+        if args.skip_accuracy or args.speed:
+            parser.error("--backbone clip runs the accuracy experiment only (no --skip-accuracy / --speed)")
+        kept = ("accuracy_vs_flops", "plot", "speed")
+    else:
+        kept = ("accuracy_vs_flops", "plot") if args.skip_accuracy else ("speed",) if not args.speed else ()
+    kept += ("accuracy_vs_flops_clip", "plot_clip") if args.backbone == "vit" else ()
     for key in kept:  # keep the last run of the part not rerun now, with the command that made it
         if key in old:
-            payload[key] = {**old[key], "command": old.get("command")} if isinstance(old[key], dict) else old[key]
-    if not args.skip_accuracy:
+            kept_from = {"command": old.get("command"), "args": old.get("args")}  # a section's own provenance wins
+            payload[key] = {**kept_from, **old[key]} if isinstance(old[key], dict) else old[key]
+    if args.backbone == "clip":
+        payload["accuracy_vs_flops_clip"] = run_accuracy(args)
+        plot(payload["accuracy_vs_flops_clip"], RESULTS / "pyra_clip.svg", model="tiny CLIP vision tower")
+        payload["plot_clip"] = "benchmarks/results/pyra_clip.svg"
+    elif not args.skip_accuracy:
         payload["accuracy_vs_flops"] = run_accuracy(args)
         plot(payload["accuracy_vs_flops"], RESULTS / "pyra.svg")
         payload["plot"] = "benchmarks/results/pyra.svg"
