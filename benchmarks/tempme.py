@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import time
 
 import numpy as np
@@ -38,7 +39,7 @@ from peft_effadapt import CLIPVideoRetrieval, TempMeConfig
 from peft_effadapt.tasks import encode_video_dataset
 from peft_effadapt.testing import load_tiny_clip, make_video_dataset
 
-from common import interleaved_medians, write_result
+from common import RESULTS, interleaved_medians, write_result
 
 NO_MERGING = dict(imgme_r=0, clip_merge_layers=[], clip_group_sizes=[], clip_position_embedding=False)
 METHODS = {
@@ -239,6 +240,12 @@ def main():
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     payload = {"settings": vars(args)}
+    previous = RESULTS / "tempme.json"
+    if previous.exists():  # keep the last run of a part skipped now, with the command that made it
+        old = json.loads(previous.read_text())
+        for key, skipped in (("quality_testbed", args.skip_quality), ("b32_shape", args.skip_speed)):
+            if skipped and key in old:
+                payload[key] = {**old[key], "command": old[key].get("command", old.get("command"))}
     if not args.skip_quality:
         payload["quality_testbed"] = quality(args)
     if not args.skip_speed:
