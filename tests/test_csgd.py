@@ -15,7 +15,7 @@ import torch
 from datasets import Dataset
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import ResNetConfig, ResNetForImageClassification, Trainer, TrainingArguments
+from transformers import ResNetForImageClassification, Trainer, TrainingArguments
 
 from peft_effadapt.pruning import FlopsModel, count_flops, find_channel_groups, save_slimmed
 from peft_effadapt.pruning.clusters import (
@@ -27,16 +27,9 @@ from peft_effadapt.pruning.clusters import (
 )
 from peft_effadapt.pruning.csgd import CentripetalSGDCallback, csgd_optimizer, widths_for_flops
 from peft_effadapt.pruning.csgd_update import centripetal_gradient, cluster_means
-from peft_effadapt.testing import tiny_vit
+from peft_effadapt.testing import randomize_batchnorm, tiny_resnet, tiny_vit
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_resnet(layer_type="bottleneck", embedding_size=8, hidden_sizes=(16, 32), seed=0):
-    torch.manual_seed(seed)
-    config = ResNetConfig(embedding_size=embedding_size, hidden_sizes=list(hidden_sizes), depths=[2, 1],
-                          layer_type=layer_type, num_labels=5)
-    return ResNetForImageClassification(config).eval()
 
 
 def plain_cnn(seed=0):
@@ -44,15 +37,6 @@ def plain_cnn(seed=0):
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                          nn.Conv2d(8, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12), nn.ReLU(),
                          nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(48, 5)).eval()
-
-
-def randomize_bn(model):
-    """Non-trivial BN parameters and running statistics, so a missed tensor shows up in the outputs."""
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
 
 
 @torch.no_grad()
@@ -165,7 +149,7 @@ def test_deviation_vanishes_under_the_edit():
                                   plain_cnn], ids=["bottleneck", "basic-no-projection", "sequential"])
 def test_trim_is_lossless_once_clusters_are_identical(make):
     model = make()
-    randomize_bn(model)
+    randomize_batchnorm(model)
     cb = CentripetalSGDCallback(keep_ratio=0.5)
     cb.setup(model)
     project_onto_cluster_means(cb)
@@ -205,7 +189,7 @@ def test_residual_followers_share_the_pacesetter_clusters():
 
 def test_slimmed_model_reloads_identically_in_a_fresh_process(tmp_path):
     model = tiny_resnet()
-    randomize_bn(model)
+    randomize_batchnorm(model)
     cb = CentripetalSGDCallback(keep_ratio=0.5)
     cb.setup(model)
     project_onto_cluster_means(cb)
@@ -232,7 +216,7 @@ def test_slimmed_model_reloads_identically_in_a_fresh_process(tmp_path):
 def test_train_wide_then_squeeze_to_the_original_width():
     narrow = tiny_resnet(embedding_size=8, hidden_sizes=(16, 32), seed=1)
     wide = tiny_resnet(embedding_size=16, hidden_sizes=(32, 64), seed=2)
-    randomize_bn(wide)
+    randomize_batchnorm(wide)
     cb = CentripetalSGDCallback.squeeze_to(narrow)
     cb.setup(wide)
     project_onto_cluster_means(cb)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from fake_hub import FakeHub
 from huggingface_hub import ModelCard
 from peft import get_peft_model
 from safetensors.torch import save_file
@@ -49,20 +48,6 @@ def _first_case_per_type_with_a_card():
 
 
 with_card = _first_case_per_type_with_a_card()
-
-
-@pytest.fixture
-def hub(monkeypatch, tmp_path):
-    with FakeHub() as server:
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        import huggingface_hub.constants as constants
-
-        monkeypatch.setattr(constants, "ENDPOINT", server.url)
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-        yield server
 
 
 def load_in_fresh_process(case, route, repo_id, base_dir, inputs, out, env):

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from fake_hub import FakeHub
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 from transformers import ResNetConfig, ResNetForImageClassification
@@ -26,20 +25,6 @@ model = load_slimmed(sys.argv[1])
 with torch.no_grad():
     save_file({"out": model(pixel_values=load_file(sys.argv[2])["x"]).logits.contiguous()}, sys.argv[3])
 """
-
-
-@pytest.fixture
-def hub(monkeypatch, tmp_path):
-    with FakeHub() as server:
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        import huggingface_hub.constants as constants
-
-        monkeypatch.setattr(constants, "ENDPOINT", server.url)
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-        yield server
 
 
 def slimmed_folder(path: Path) -> tuple[Path, torch.Tensor, torch.Tensor]:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import ResNetConfig, ResNetForImageClassification, ResNetModel
+from transformers import ResNetConfig, ResNetModel
 
+from peft_effadapt import testing
 from peft_effadapt.pruning import (
     PLAN_NAME,
     FlopsModel,
@@ -25,26 +27,9 @@ from peft_effadapt.pruning import (
     round_to,
     save_slimmed,
 )
-from peft_effadapt.testing import tiny_clip_vision, tiny_vit
+from peft_effadapt.testing import randomize_batchnorm, tiny_clip_vision, tiny_vit
 
-
-def tiny_resnet(layer_type="bottleneck", embedding_size=8, seed=0, **kw):
-    torch.manual_seed(seed)
-    config = ResNetConfig(embedding_size=embedding_size, hidden_sizes=[16, 32], depths=[2, 1], layer_type=layer_type,
-                          num_labels=5, **kw)
-    model = ResNetForImageClassification(config).eval()
-    randomize_bn(model)
-    return model
-
-
-def randomize_bn(model):
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.normal_(0, 0.5)
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.normal_(1, 0.3)
-                module.bias.normal_(0, 0.3)
+tiny_resnet = partial(testing.tiny_resnet, random_batchnorm=True)  # BN statistics that make mistakes visible
 
 
 def small_cnn():
@@ -52,7 +37,7 @@ def small_cnn():
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                         nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU(),
                         nn.Conv2d(8, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 6 * 6, 4))
-    randomize_bn(net)
+    randomize_batchnorm(net)
     return net.eval()
 
 
@@ -116,7 +101,7 @@ def test_nothing_to_prune_is_a_clear_error():
 def test_cluster_trim_is_exact_and_residual_groups_stay_consistent(layer_type, embedding_size):
     """Members of each cluster made identical (kernels, BN parameters and statistics) in every producer of a group,
     as C-SGD leaves them: keeping one and summing the consumers' input slices preserves the logits."""
-    model = tiny_resnet(layer_type, embedding_size)
+    model = tiny_resnet(layer_type, embedding_size=embedding_size)
     groups = find_channel_groups(model)
     plans = []
     with torch.no_grad():

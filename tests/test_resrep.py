@@ -8,6 +8,7 @@ import runpy
 import subprocess
 import sys
 import types
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,9 @@ from accelerate.state import AcceleratorState
 from datasets import Dataset
 from safetensors.torch import load_file
 from torch import nn
-from transformers import ResNetConfig, ResNetForImageClassification, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
+from peft_effadapt import testing
 from peft_effadapt.pruning import (
     FlopsModel,
     ResRepCallback,
@@ -28,27 +30,11 @@ from peft_effadapt.pruning import (
     load_slimmed,
 )
 from peft_effadapt.pruning.schedule import choose_masks
-from peft_effadapt.testing import tiny_vit
+from peft_effadapt.testing import randomize_batchnorm, tiny_vit
+
+tiny_resnet = partial(testing.tiny_resnet, random_batchnorm=True)  # BN statistics that make mistakes visible
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def randomize_bn(model):
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.normal_(0, 0.5)
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.normal_(1, 0.3)
-                module.bias.normal_(0, 0.3)
-
-
-def tiny_resnet(layer_type="bottleneck", depths=(2, 1), hidden=(16, 32)):
-    torch.manual_seed(0)
-    model = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=list(hidden), depths=list(depths),
-                                                      layer_type=layer_type, num_labels=5))
-    randomize_bn(model)
-    return model.eval()
 
 
 def out(model, x):
@@ -70,7 +56,7 @@ def perturb_and_zero_rows(cb, rows=(1,), noise=0.05):
 def test_fold_plain_cnn_is_exact(bias):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, bias=bias), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
-    randomize_bn(net)
+    randomize_batchnorm(net)
     x = torch.randn(4, 3, 10, 10)
     cb = ResRepCallback(flops_target=0.9, drop_masked_rows_on_convert=True)
     cb.prepare(net, x)
@@ -158,7 +144,7 @@ def test_fp16_loss_scale_is_removed_before_the_lasso():
 
 # ------------------------------------------------------------------------------------------------- R4: schedule
 def test_mask_schedule_granularity_target_minimum_and_unmasking():
-    model = tiny_resnet("basic", depths=(1, 1), hidden=(32, 64))
+    model = tiny_resnet("basic", depths=(1, 1), hidden_sizes=(32, 64))
     x = {"pixel_values": torch.randn(1, 3, 32, 32)}
     groups = [g for g in find_channel_groups(model) if g.meta.get("role") == "block"]
     flops = FlopsModel.measure(model, x, find_channel_groups(model))
@@ -190,7 +176,7 @@ def test_mask_schedule_granularity_target_minimum_and_unmasking():
 
 
 def test_round_to_keeps_mask_widths_at_multiples():
-    model = tiny_resnet("basic", depths=(1, 1), hidden=(32, 64))
+    model = tiny_resnet("basic", depths=(1, 1), hidden_sizes=(32, 64))
     x = {"pixel_values": torch.randn(1, 3, 32, 32)}
     groups = [g for g in find_channel_groups(model) if g.meta.get("role") == "block"]
     flops = FlopsModel.measure(model, x, find_channel_groups(model))
@@ -257,7 +243,7 @@ def fresh_accelerate_state():
 
 
 def run_resnet(out_dir, max_steps=40, resume=None, **kw):
-    model = tiny_resnet("basic", depths=(1, 1), hidden=(16, 32)).train()
+    model = tiny_resnet("basic", depths=(1, 1), hidden_sizes=(16, 32)).train()
     data = noise_dataset(160)
     cb = ResRepCallback(flops_target=0.7, lasso_strength=0.05, mask_interval=4, warmup_steps=4, begin_granularity=12,
                         **kw)

@@ -1,16 +1,20 @@
 """Testbed: tiny model factories for unit tests, generated datasets and the bundled small trained checkpoints."""
 
 from .factories import (
+    randomize_batchnorm,
     tiny_clip,
     tiny_clip_config,
     tiny_clip_vision,
     tiny_pixel_values,
+    tiny_resnet,
     tiny_text_inputs,
     tiny_vit,
     tiny_vit_config,
 )
 
 __all__ = [
+    "randomize_batchnorm",
+    "tiny_resnet",
     "tiny_clip",
     "tiny_clip_config",
     "tiny_clip_vision",

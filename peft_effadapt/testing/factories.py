@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 from transformers import (
     CLIPConfig,
     CLIPModel,
     CLIPVisionModel,
+    ResNetConfig,
+    ResNetForImageClassification,
     ViTConfig,
     ViTForImageClassification,
     ViTModel,
@@ -82,3 +85,30 @@ def tiny_text_inputs(batch: int = 2, length: int = 8, vocab_size: int = 64, seed
         ids[row, 1 + n_words] = 2
         mask[row, : 2 + n_words] = 1
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def tiny_resnet(layer_type: str = "bottleneck", *, seed: int = 0, embedding_size: int = 8,
+                hidden_sizes=(16, 32), depths=(2, 1), num_labels: int = 5,
+                random_batchnorm: bool = False) -> ResNetForImageClassification:
+    """A two-stage HF ResNet (bottleneck or basic layers) in eval mode, for pruning tests; `random_batchnorm`
+    gives its BatchNorms non-trivial statistics (see `randomize_batchnorm`)."""
+    torch.manual_seed(seed)
+    config = ResNetConfig(embedding_size=embedding_size, hidden_sizes=list(hidden_sizes), depths=list(depths),
+                          layer_type=layer_type, num_labels=num_labels)
+    model = ResNetForImageClassification(config).eval()
+    if random_batchnorm:
+        randomize_batchnorm(model)
+    return model
+
+
+@torch.no_grad()
+def randomize_batchnorm(model: nn.Module) -> nn.Module:
+    """Non-trivial BatchNorm affine parameters and running statistics (drawn from torch's global RNG), so that a
+    channel a slimming step mishandles shows up in the outputs."""
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.normal_(1, 0.3)
+            module.bias.normal_(0, 0.3)
+    return model
