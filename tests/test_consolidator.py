@@ -14,6 +14,8 @@ from peft_effadapt import ConsolidatorConfig
 from peft_effadapt.testing import tiny_pixel_values, tiny_vit
 from peft_effadapt.tuners.consolidator import BranchPattern, ConsolidatorLinear, shuffle_permutation, support_index
 
+from fp32 import assert_fp32_close
+
 
 def make_layer(d_in, d_out, groups, shuffle, rep_drop=0.0, seed=0, dtype=torch.float64):
     torch.manual_seed(seed)
@@ -181,7 +183,7 @@ def test_branches_save_mode_resumes_training_state(tmp_path):
     fc1 = reloaded.base_model.model.vit.layers[0].mlp.fc1
     assert len(fc1.consolidator_branches["resumed"]) == 2 and "resumed" not in fc1.consolidator_delta
     assert fc1.consolidator_branches["resumed"][1].weight.requires_grad
-    torch.testing.assert_close(reloaded(pixel_values=x).logits, expected, rtol=0, atol=1e-6)
+    assert_fp32_close(reloaded(pixel_values=x).logits, expected)
 
 
 def test_consolidated_reload_trains_the_delta_values(tmp_path):
