@@ -7,8 +7,14 @@ Importing this package registers every method with peft; nothing else needs to b
     model = get_peft_model(vit, peft_effadapt.ConsolidatorConfig(modules_to_save=["classifier"]))
 """
 
-from . import registration
-from .tasks import CLIPVideoRetrieval, CLIPZeroShotClassifier, evaluate_base_to_novel, retrieval_metrics  # issue 7
+from . import compat, registration
+from .tasks import (  # issue 7
+    CLIPVideoRetrieval,
+    CLIPZeroShotClassifier,
+    evaluate_base_to_novel,
+    retrieval_metrics,
+    zero_shot_pipeline_kwargs,  # issue 16: merged prompt adapters in transformers' pipeline
+)
 from .tuners.consolidator import ConsolidatorConfig, ConsolidatorModel
 from .tuners.coop import CoOpConfig, CoOpModel
 from .tuners.pyra import PYRAConfig, PYRAModel, pyra_param_groups
@@ -17,6 +23,7 @@ from .tuners.rlp import RLPConfig, RLPModel
 from .tuners.tempme import TempMeConfig, TempMeModel  # issue 7
 from .tuners.tome import ToMeConfig, ToMeModel
 
+compat.install()  # transformers >= 5.24 gates its own adapter methods at peft >= 0.22: say so clearly
 registration.register("consolidator", ConsolidatorConfig, ConsolidatorModel)
 registration.register("coop", CoOpConfig, CoOpModel)
 registration.register("rlp", RLPConfig, RLPModel)
@@ -58,6 +65,7 @@ __all__ = [
     "ToMeModel",
     "__version__",
     "evaluate_base_to_novel",
+    "zero_shot_pipeline_kwargs",
     "pyra_param_groups",
     # issue 7: TempMe and text-video retrieval
     "CLIPVideoRetrieval",

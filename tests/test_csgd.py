@@ -29,6 +29,8 @@ from peft_effadapt.pruning.csgd import CentripetalSGDCallback, csgd_optimizer, w
 from peft_effadapt.pruning.csgd_update import centripetal_gradient, cluster_means
 from peft_effadapt.testing import randomize_batchnorm, tiny_resnet, tiny_vit
 
+from fp32 import assert_fp32_close
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -93,8 +95,8 @@ def test_gradient_edit_matches_the_formula():
     eps, eta = 0.3, 1e-4
     got = centripetal_gradient(p, g, clusters_to_labels(clusters, n), eps, eta)
     want = a @ g.reshape(n, -1) + (eta * eye + eps * (eye - a)) @ p.reshape(n, -1)
-    torch.testing.assert_close(got.reshape(n, -1), want, rtol=0, atol=1e-6)
-    torch.testing.assert_close(got[1], g[1] + eta * p[1], rtol=0, atol=1e-7)  # singleton: plain L2-regularised SGD
+    assert_fp32_close(got.reshape(n, -1), want)
+    assert_fp32_close(got[1], g[1] + eta * p[1])  # singleton: plain L2-regularised SGD
     # hand example: cluster {0, 1}, p = (1, 3), g = (2, 4): g' = 3 + eps * (p - 2)
     hand = centripetal_gradient(torch.tensor([1.0, 3.0]), torch.tensor([2.0, 4.0]), torch.tensor([0, 0]), 0.5)
     assert hand.tolist() == [2.5, 3.5]
@@ -121,8 +123,7 @@ def test_callback_edit_vectors_use_tenth_strength_and_decay_is_not_doubled():
         kernel = t.name.endswith("convolution.weight")
         eps, eta = (0.2, 1e-3) if kernel else (0.02, 0.0)
         step = a @ g0.reshape(len(a), -1) + (eta * eye + eps * (eye - a)) @ p0.reshape(len(a), -1)
-        torch.testing.assert_close(t.param.detach().reshape(len(a), -1), p0.reshape(len(a), -1) - lr * step,
-                                   rtol=0, atol=1e-6)
+        assert_fp32_close(t.param.detach().reshape(len(a), -1), p0.reshape(len(a), -1) - lr * step)
 
 
 def test_deviation_vanishes_under_the_edit():
@@ -163,7 +164,7 @@ def test_trim_is_lossless_once_clusters_are_identical(make):
     with torch.no_grad():
         slim = model(x)
         slim = getattr(slim, "logits", slim)
-    assert (slim - wide).abs().max() <= 1e-5
+    assert_fp32_close(slim, wide)
     assert cb.trim_report["max_abs_logit_diff"] <= 1e-5
     assert count_flops(model, x) == flops_model.flops(plan.widths) < flops_model.baseline
     for gp in plan.groups:  # residual groups stay consistent: all producers and consumers at the plan's width
@@ -226,7 +227,7 @@ def test_train_wide_then_squeeze_to_the_original_width():
     cb.trim(wide, inputs=x)
     narrow.load_state_dict(wide.state_dict(), strict=True)  # the trimmed wide net *is* the original architecture
     with torch.no_grad():
-        assert (narrow(x).logits - before).abs().max() <= 1e-5
+        assert_fp32_close(narrow(x).logits, before)
 
 
 # ------------------------------------------------------------------------------------------------ Trainer
@@ -242,7 +243,7 @@ def test_trainer_run_converges_and_trims_losslessly(tmp_path):
         wide = model(x).logits
     cb.trim(model, inputs={"pixel_values": x})
     with torch.no_grad():
-        assert (model(x).logits - wide).abs().max() <= 1e-5
+        assert_fp32_close(model(x).logits, wide)
     assert cb.plan.method == "csgd" and all(gp.width == gp.group.size // 2 for gp in cb.plan.groups)
 
 
@@ -271,7 +272,7 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
                 callbacks=[cb]).train()
         states.append(model.state_dict())
     for k in states[0]:
-        torch.testing.assert_close(states[0][k], states[1][k], rtol=0, atol=1e-6)
+        assert_fp32_close(states[0][k], states[1][k])
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -364,7 +365,7 @@ def test_two_process_gloo_run_gives_the_same_slimmed_model(tmp_path):
     assert ddp.keys() == single.keys()
     assert ddp["vit.layers.0.mlp.fc1.weight"].shape[0] == 32  # slimmed from 64
     for k in ddp:
-        torch.testing.assert_close(ddp[k], single[k], rtol=0, atol=1e-5)
+        assert_fp32_close(ddp[k], single[k])
 
 
 def test_bf16_autocast_training_still_trims(tmp_path):

@@ -11,6 +11,8 @@ from peft_effadapt import PYRAConfig, ToMeConfig, pyra_param_groups
 from peft_effadapt.testing import tiny_pixel_values, tiny_vit
 from peft_effadapt.tuners.pyra import PYRABlock, PYRALayer, pyra_modulate
 
+from fp32 import assert_fp32_close
+
 VIT = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128, image_size=64,
            patch_size=8)
 SCHEDULE = [8, 8, 8, 6]
@@ -73,7 +75,7 @@ def test_lora_plus_tome_matches_peft_lora_merged_then_tome():
                 proj.lora_A["default"].weight.copy_(a)
                 proj.lora_B["default"].weight.copy_(b)
     reference = get_peft_model(lora.merge_and_unload(), ToMeConfig(merge_schedule=SCHEDULE)).eval()
-    torch.testing.assert_close(logits(model, x), logits(reference, x), rtol=0, atol=1e-5)
+    assert_fp32_close(logits(model, x), logits(reference, x))
 
 
 def test_nonzero_w_d_changes_logits():
@@ -145,13 +147,13 @@ def test_batch_independence():
     x = pixels()
     y = x.clone()
     y[2] = torch.randn_like(y[2])
-    torch.testing.assert_close(logits(model, x)[:2], logits(model, y)[:2], rtol=0, atol=1e-6)
+    assert_fp32_close(logits(model, x)[:2], logits(model, y)[:2])
 
 
 def test_eager_and_sdpa_agree():
     x = pixels()
     eager, sdpa = (pyra(vit(attn_implementation=impl), init_weights=False) for impl in ("eager", "sdpa"))
-    torch.testing.assert_close(logits(eager, x), logits(sdpa, x), rtol=0, atol=1e-6)
+    assert_fp32_close(logits(eager, x), logits(sdpa, x))
 
 
 def test_flops_overhead_is_four_r_d_per_merging_block():
@@ -177,7 +179,7 @@ def test_merge_and_unload_folds_lora_and_keeps_the_modulation():
     assert set(merged.state_dict()) == keys
     assert type(merged.vit.layers[0]).__name__ == "TokenMergingViTLayer"
     assert hasattr(merged.vit.layers[0], "token_merge_modulation")
-    torch.testing.assert_close(logits(merged, x), expected, rtol=0, atol=1e-5)
+    assert_fp32_close(logits(merged, x), expected)
     assert not any(isinstance(m, PYRABlock) for m in merged.modules())
 
 
@@ -205,7 +207,7 @@ def test_gradient_checkpointing_recomputes_with_the_same_state():
     plain, checkpointed = grads(False), grads(True)
     assert calls.count(("body", True)) == 2 and calls.count(("body", False)) == 1  # recomputed once in backward
     for name in plain:
-        torch.testing.assert_close(checkpointed[name], plain[name], rtol=0, atol=1e-6, msg=name)
+        assert_fp32_close(checkpointed[name], plain[name], msg=name)
 
 
 def test_save_load_round_trip_in_process(tmp_path):
@@ -217,7 +219,7 @@ def test_save_load_round_trip_in_process(tmp_path):
     torch.testing.assert_close(logits(reloaded, x), expected, rtol=0, atol=0)
     # frozen tensors take another CPU matmul path (requires_grad changes kernel choice): equal up to rounding
     frozen = PeftModel.from_pretrained(vit(), tmp_path).eval()
-    torch.testing.assert_close(logits(frozen, x), expected, rtol=0, atol=1e-6)
+    assert_fp32_close(logits(frozen, x), expected)
     assert reloaded.peft_config["default"].layer_schedule == SCHEDULE
 
 

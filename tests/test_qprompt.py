@@ -16,6 +16,8 @@ from peft_effadapt import QPromptConfig
 from peft_effadapt.quantization import payload_bytes
 from peft_effadapt.testing import tiny_vit
 
+from fp32 import assert_fp32_close
+
 BOS, EOS, PLACEHOLDER, DOT = 98, 99, 7, 5
 CTX_IDS = [10, 11, 12, 13]
 CLASS_IDS = [[20], [21, 22], [23, 24, 25]]
@@ -82,7 +84,7 @@ def layer_of(model):
 def test_q7_unquantised_coop_equals_hard_prompt_clip():
     expected = logits(spec_clip(), HARD)
     model = get_peft_model(spec_clip(), qconfig(quantizer="none"))
-    torch.testing.assert_close(logits(model), expected, rtol=0, atol=1e-6)
+    assert_fp32_close(logits(model), expected)
 
 
 def test_q7_one_bit_context_holds_two_values_in_train_and_eval():
@@ -187,7 +189,7 @@ def test_reloaded_adapter_continues_training(tmp_path):
     train(model, 3)
     model.save_pretrained(tmp_path)
     reloaded = PeftModel.from_pretrained(spec_clip(), tmp_path, is_trainable=True)
-    torch.testing.assert_close(logits(reloaded), logits(model), rtol=0, atol=1e-6)
+    assert_fp32_close(logits(reloaded), logits(model))
     train(reloaded, 3, lr=0.5)
     assert torch.unique(reloaded.base_model.prompt_matrix()).numel() <= 2
 
@@ -198,7 +200,7 @@ def test_baselines(quantizer, tmp_path):
     model.eval()
     torch.testing.assert_close(logits(model), logits(model), rtol=0, atol=0)
     if quantizer == "noise":  # noise only in training; eval = the latent (= the hard prompt at init)
-        torch.testing.assert_close(logits(model), logits(spec_clip(), HARD), rtol=0, atol=1e-6)
+        assert_fp32_close(logits(model), logits(spec_clip(), HARD))
         model.train()
         assert not torch.allclose(logits(model), logits(model))
     else:
@@ -207,13 +209,13 @@ def test_baselines(quantizer, tmp_path):
     expected = logits(model)
     model.save_pretrained(tmp_path)
     reloaded = PeftModel.from_pretrained(spec_clip(), tmp_path).eval()
-    torch.testing.assert_close(logits(reloaded), expected, rtol=0, atol=1e-6)
+    assert_fp32_close(logits(reloaded), expected)
 
 
 # RLP host ------------------------------------------------------------------------------------------------------
 def test_rlp_host_starts_as_zero_shot_and_stores_quantised_b(tmp_path):
     model = get_peft_model(spec_clip(), qconfig(host="rlp", bits=1, rlp_rank=1))
-    torch.testing.assert_close(logits(model), logits(spec_clip(), HARD), rtol=0, atol=1e-6)  # A = 0
+    assert_fp32_close(logits(model), logits(spec_clip(), HARD))  # A = 0
     train(model, 5)
     prompt = model.base_model.prompt_matrix()
     p0 = spec_clip().text_model.embeddings.token_embedding.weight[CTX_IDS]
@@ -259,8 +261,8 @@ def test_q8_deep_text_prompts_touch_only_prompt_rows():
     torch.testing.assert_close(text(model, HARD), text(spec_clip(), HARD), rtol=0, atol=0)
     mixed = torch.cat([PROMPTS, HARD])
     out = text(model, mixed)
-    torch.testing.assert_close(out[3:], text(spec_clip(), HARD), rtol=0, atol=1e-6)
-    torch.testing.assert_close(out[:3], text(model, PROMPTS), rtol=0, atol=1e-6)
+    assert_fp32_close(out[3:], text(spec_clip(), HARD))
+    assert_fp32_close(out[:3], text(model, PROMPTS))
 
 
 def test_q8_maple_storage_adds_up_and_reloads(tmp_path):
@@ -273,7 +275,7 @@ def test_q8_maple_storage_adds_up_and_reloads(tmp_path):
     total = sum(payload_bytes(n, 4) for n in quantised.values()) + 2 * 48 * 4  # + two fp32 bias vectors
     assert sum(t.numel() * t.element_size() for t in stored.values()) == total
     reloaded = PeftModel.from_pretrained(spec_clip(), tmp_path).eval()
-    torch.testing.assert_close(logits(reloaded), expected, rtol=0, atol=1e-6)
+    assert_fp32_close(logits(reloaded), expected)
     with pytest.raises(ValueError, match="MaPLe"):
         reloaded.merge_and_unload()
     unloaded = reloaded.unload()

@@ -32,6 +32,8 @@ from peft_effadapt.pruning import (
 from peft_effadapt.pruning.schedule import choose_masks
 from peft_effadapt.testing import randomize_batchnorm, tiny_vit
 
+from fp32 import assert_fp32_close
+
 tiny_resnet = partial(testing.tiny_resnet, random_batchnorm=True)  # BN statistics that make mistakes visible
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,7 +67,7 @@ def test_fold_plain_cnn_is_exact(bias):
     plan = cb.convert()
     assert plan.widths == {"0": 6} and net[0].out_channels == 6 and net[3].in_channels == 6
     assert cb.conversion_error < 1e-5
-    torch.testing.assert_close(out(net, x), before, atol=1e-5, rtol=0)
+    assert_fp32_close(out(net, x), before)
     assert not any("resrep" in k for k in net.state_dict())
 
 
@@ -85,7 +87,7 @@ def test_hf_resnet_identity_insertion_conversion_and_reload(tmp_path):
     plan = cb.convert()
     assert set(model.state_dict()) == stock_keys
     assert all(w == g.size - 2 for w, g in zip(plan.widths.values(), (p.group for p in plan.groups)))
-    torch.testing.assert_close(out(model, x), before, atol=1e-5, rtol=0)
+    assert_fp32_close(out(model, x), before)
     assert cb.final_flops_ratio == count_flops(model, x) / cb.flops.baseline
     from peft_effadapt.pruning import save_slimmed
 
@@ -103,7 +105,7 @@ def test_vit_mlp_fold_is_exact():
     before = out(model, x)
     cb.convert()
     assert model.vit.layers[0].mlp.fc1.out_features == 42 and model.vit.layers[1].mlp.fc2.in_features == 42
-    torch.testing.assert_close(out(model, x), before, atol=1e-5, rtol=0)
+    assert_fp32_close(out(model, x), before)
 
 
 # ------------------------------------------------------------------------------------------------- R3: gradient
@@ -276,7 +278,7 @@ def test_resume_from_checkpoint_restores_masks_and_counters(tmp_path, fresh_acce
     assert resumed.mask_updates == full.mask_updates and resumed.target_reached_step == full.target_reached_step
     for name, compactor in full.compactors.items():
         assert torch.equal(resumed.compactors[name].mask, compactor.mask)
-        torch.testing.assert_close(resumed.compactors[name].weight, compactor.weight, atol=1e-5, rtol=0)
+        assert_fp32_close(resumed.compactors[name].weight, compactor.weight)
 
 
 def run_vit(out_dir, batch, accumulation=1, **kw):

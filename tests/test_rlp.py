@@ -14,6 +14,8 @@ from transformers import CLIPConfig, CLIPModel
 from peft_effadapt import RLPConfig
 from peft_effadapt.testing import tiny_pixel_values, tiny_vit
 
+from fp32 import assert_fp32_close
+
 BOS, EOS, PLACEHOLDER, DOT = 98, 99, 7, 5
 CTX_IDS = [10, 11, 12, 13]
 CLASS_IDS = [[20], [21, 22], [23, 24, 25]]
@@ -96,13 +98,13 @@ def test_t1_count_vit_b16_shaped(rank, count):
 def test_t2_zero_init_equals_zero_shot_clip():
     expected = logits(spec_clip(), ZERO_SHOT)
     model = get_peft_model(spec_clip(), rlp(init="zero")).eval()
-    torch.testing.assert_close(logits(model), expected, rtol=0, atol=1e-6)
+    assert_fp32_close(logits(model), expected)
 
 
 def test_t2_svd_init_equals_zero_shot_clip():
     expected = logits(spec_clip(), ZERO_SHOT)
     model = get_peft_model(spec_clip(), rlp(init="svd", rank=2)).eval()
-    torch.testing.assert_close(logits(model), expected, rtol=0, atol=1e-5)
+    assert_fp32_close(logits(model), expected)
 
 
 # T3 ------------------------------------------------------------------------------------------------------------
@@ -117,7 +119,7 @@ def test_t3_training_form_equals_collapsed_and_merged(init):
     torch.testing.assert_close(p_star, layer.frozen_path("default") + layer.low_rank_delta("default"))
     merged = model.merge_and_unload()
     assert type(merged) is CLIPModel
-    torch.testing.assert_close(logits(merged), expected, rtol=0, atol=1e-5)
+    assert_fp32_close(logits(merged), expected)
 
 
 # T4 ------------------------------------------------------------------------------------------------------------
@@ -138,7 +140,7 @@ def test_t4_rank(rank):
 def test_t4_pure_low_rank_starts_at_truncated_svd_of_p0():
     model = get_peft_model(spec_clip(), rlp(rank=4, use_init_path=False))
     p0 = spec_clip().text_model.embeddings.token_embedding.weight[CTX_IDS]
-    torch.testing.assert_close(model.base_model.prompt_matrix(), p0, rtol=0, atol=1e-5)  # rank 4 = n: exact
+    assert_fp32_close(model.base_model.prompt_matrix(), p0)  # rank 4 = n: exact
 
 
 # T5 ------------------------------------------------------------------------------------------------------------
@@ -195,8 +197,8 @@ def test_t7_pooling_paths_agree():
     legacy = get_peft_model(spec_clip(eos_token_id=2), rlp())
     randomise(legacy)  # same seed: same factors
     expected = text_features(model, PROMPTS)
-    torch.testing.assert_close(text_features(legacy, PROMPTS), expected, rtol=0, atol=1e-6)
-    torch.testing.assert_close(text_features(model, rows([PLACEHOLDER] * 4, pad=EOS)), expected, rtol=0, atol=1e-6)
+    assert_fp32_close(text_features(legacy, PROMPTS), expected)
+    assert_fp32_close(text_features(model, rows([PLACEHOLDER] * 4, pad=EOS)), expected)
 
 
 def test_t7b_placeholder_equal_to_eot_breaks_argmax_pooling():
@@ -249,7 +251,7 @@ def test_t9_padding_invariance():
     model = get_peft_model(spec_clip(), rlp())
     randomise(model)
     model.eval()
-    torch.testing.assert_close(logits(model, rows([PLACEHOLDER] * 4, length=16)), logits(model), rtol=0, atol=1e-6)
+    assert_fp32_close(logits(model, rows([PLACEHOLDER] * 4, length=16)), logits(model))
 
 
 # T10 -----------------------------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ from peft_effadapt.merging import bipartite_soft_matching, group_sequences, merg
 from peft_effadapt.testing import tiny_clip, tiny_clip_vision, tiny_text_inputs
 from peft_effadapt.tuners.tempme import TempMeLayer, plan_table, tempme_plan
 
+from fp32 import assert_fp32_close
+
 # the spec's CPU test model (tempme.md §e): hidden 64, 4 heads, 6 layers, 32² frames, patch 8 -> 17 tokens per frame
 SPEC_VISION = dict(hidden_size=64, num_hidden_layers=6, num_attention_heads=4, intermediate_size=128, image_size=32,
                    patch_size=8)
@@ -142,8 +144,7 @@ def test_degenerate_schedule_equals_the_plain_model():
                                                        num_frames=4))
     pixels = videos(2, 4).flatten(0, 1)
     with torch.no_grad():
-        torch.testing.assert_close(model(pixel_values=pixels).pooler_output, base(pixel_values=pixels).pooler_output,
-                                   rtol=0, atol=1e-6)
+        assert_fp32_close(model(pixel_values=pixels).pooler_output, base(pixel_values=pixels).pooler_output)
 
 
 def test_videos_are_independent_of_each_other():
@@ -152,7 +153,7 @@ def test_videos_are_independent_of_each_other():
     b[0] = a[0]
     with torch.no_grad():
         out_a, out_b = model(pixel_values=a).pooler_output, model(pixel_values=b).pooler_output
-    torch.testing.assert_close(out_a[:12], out_b[:12], rtol=0, atol=1e-5)
+    assert_fp32_close(out_a[:12], out_b[:12])
     assert not torch.allclose(out_a[12:], out_b[12:])
 
 
@@ -180,8 +181,8 @@ def test_zero_position_embedding_is_a_no_op_and_gradients_reach_everything():
     without = get_peft_model(spec_clip(), TempMeConfig(**SPEC_CONFIG, clip_position_embedding=False))
     model = get_peft_model(spec_clip(), TempMeConfig(**SPEC_CONFIG))
     with torch.no_grad():
-        torch.testing.assert_close(model.get_image_features(pixel_values=pixels).pooler_output,
-                                   without.get_image_features(pixel_values=pixels).pooler_output, rtol=0, atol=1e-6)
+        assert_fp32_close(model.get_image_features(pixel_values=pixels).pooler_output,
+                                   without.get_image_features(pixel_values=pixels).pooler_output)
     CLIPVideoRetrieval(model)(pixels, **text).loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     positions = [n for n in grads if "tempme_clip_pos" in n]

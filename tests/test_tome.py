@@ -15,6 +15,8 @@ from peft_effadapt import ToMeConfig
 from peft_effadapt.testing import tiny_clip, tiny_clip_vision, tiny_pixel_values, tiny_text_inputs, tiny_vit
 from peft_effadapt.tuners.tome import ToMeBlock
 
+from fp32 import assert_fp32_close
+
 VIT = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128, image_size=64,
            patch_size=8)  # 8x8 patches + CLS = 65 tokens
 
@@ -114,7 +116,7 @@ def test_last_block_merge_cannot_change_cls_logits():
     x = pixels()
     a = logits(tome(vit(), merge_schedule=[8, 8, 8, 6]), x)
     b = logits(tome(vit(), merge_schedule=[8, 8, 8, 0]), x)
-    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert_fp32_close(a, b)
 
 
 def test_batch_independence():
@@ -122,7 +124,7 @@ def test_batch_independence():
     x = pixels()
     y = x.clone()
     y[1] = torch.randn_like(y[1])
-    torch.testing.assert_close(logits(model, x)[0], logits(model, y)[0], rtol=0, atol=1e-6)
+    assert_fp32_close(logits(model, x)[0], logits(model, y)[0])
 
 
 def test_eager_and_sdpa_agree():
@@ -130,7 +132,7 @@ def test_eager_and_sdpa_agree():
     eager = tome(vit(attn_implementation="eager"), merge_schedule=[8, 8, 8, 6])
     sdpa = tome(vit(attn_implementation="sdpa"), merge_schedule=[8, 8, 8, 6])
     assert eager.base_model.model.config._attn_implementation == "eager"
-    torch.testing.assert_close(logits(eager, x), logits(sdpa, x), rtol=0, atol=1e-6)
+    assert_fp32_close(logits(eager, x), logits(sdpa, x))
     out = eager(pixel_values=x, output_attentions=True)
     assert [a.shape[-1] for a in out.attentions] == [65, 57, 49, 41]
 
@@ -213,7 +215,7 @@ def test_gradient_checkpointing_gives_same_gradients():
     plain, checkpointed = grads(False), grads(True)
     assert plain.keys() == checkpointed.keys() and len(plain) > 2
     for name in plain:
-        torch.testing.assert_close(checkpointed[name], plain[name], rtol=0, atol=1e-6, msg=name)
+        assert_fp32_close(checkpointed[name], plain[name], msg=name)
 
 
 # -- bad input ------------------------------------------------------------------------------------------------------

@@ -7,11 +7,31 @@ from dataclasses import dataclass
 import torch
 
 
+def _squash(text: str) -> str:
+    """Text as CLIP-style tokenizers reproduce it: lower-case, without whitespace."""
+    return "".join(text.lower().split())
+
+
+def _check_round_trip(tokenizer, text: str, ids: list[int], what: str) -> None:
+    """Raises when `ids` do not decode back to `text`: the tokenizer maps (part of) it to an unknown token, or to ids
+    that stand for other words, so the prompt would be initialised (or matched) from something else than `text`."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    decoded = tokenizer.decode(ids, skip_special_tokens=False)
+    if (unk is not None and unk in ids) or _squash(decoded) != _squash(text):
+        raise ValueError(
+            f"{what} {text!r} does not round-trip through {type(tokenizer).__name__}: it tokenises to {ids}, which "
+            f"decode to {decoded!r}{f' (unknown-token id {unk})' if unk is not None and unk in ids else ''}. Choose "
+            "words in the tokenizer's vocabulary, or give the token ids yourself."
+        )
+
+
 def context_token_ids(tokenizer, text: str) -> list[int]:
-    """Ids of `text` without BOS/EOS (the token count, not the word count, is the context length)."""
+    """Ids of `text` without BOS/EOS (the token count, not the word count, is the context length); raises when they
+    do not decode back to `text`."""
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if not ids:
         raise ValueError(f"ctx_init {text!r} tokenises to no tokens.")
+    _check_round_trip(tokenizer, text, ids, "ctx_init")
     return ids
 
 
@@ -22,6 +42,7 @@ def single_token_id(tokenizer, token: str) -> int:
             f"placeholder_token {token!r} is {len(ids)} tokens ({ids}) for this tokenizer; choose a text that is "
             "exactly one token (e.g. 'X'), or set placeholder_token_id."
         )
+    _check_round_trip(tokenizer, token, ids, "placeholder_token")
     return int(ids[0])
 
 

@@ -9,6 +9,7 @@ from .classification import (
     evaluate_base_to_novel,
     harmonic_mean,
 )
+from .pipeline import zero_shot_pipeline_kwargs
 from .retrieval import (  # issue 7: text-video retrieval
     CLIPVideoRetrieval,
     VideoRetrievalOutput,
@@ -32,4 +33,5 @@ __all__ = [
     "retrieval_metrics",
     "stack_videos",
     "symmetric_infonce",
+    "zero_shot_pipeline_kwargs",
 ]
