@@ -16,6 +16,8 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 from datasets import Dataset
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 from torch import nn
 from transformers import Trainer, TrainingArguments
@@ -184,6 +186,77 @@ def test_round_to_keeps_mask_widths_at_multiples():
     masks = choose_masks(norms, flops, 0.6, granularity=10 ** 6, round_to=8)
     widths = {n: int(m.sum()) for n, m in masks.items()}
     assert all(w % 8 == 0 for w in widths.values()) and flops.ratio(widths) <= 0.6
+
+
+def _chain_flops(sizes: list[int]) -> FlopsModel:
+    """Exact FLOPs model of a plain conv chain 3 -> g0 -> g1 -> ... -> 10 (coefficient 2 per MAC)."""
+    from peft_effadapt.pruning.flops import _Term
+
+    names = [f"g{i}" for i in range(len(sizes))]
+    terms = [_Term(2, None, 1, 3, names[0], sizes[0])]
+    terms += [_Term(2, names[i - 1], 1, sizes[i - 1], names[i], sizes[i]) for i in range(1, len(sizes))]
+    terms.append(_Term(2, names[-1], 1, sizes[-1], None, 10))
+    baseline = sum(t.coeff * (t.in_fixed * t.in_mult) * t.out_fixed for t in terms)
+    return FlopsModel(baseline, terms, dict(zip(names, sizes)))
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
+@given(sizes=st.lists(st.integers(4, 48), min_size=2, max_size=5), round_to=st.sampled_from([None, 2, 4, 8, 16]),
+       granularity=st.integers(1, 8), target=st.floats(0.2, 0.95), seed=st.integers(0, 2 ** 16),
+       ties=st.booleans())
+def test_mask_schedule_reaches_target_under_any_round_to(sizes, round_to, granularity, target, seed, ties):
+    """With fixed norms, repeated updates mask a growing set (each update above target masks >= `granularity`
+    more channels, or all it may) until the FLOPs target, within ceil(maskable / granularity) + 1 updates; every
+    width is a multiple of `round_to` (or the full size) and at least the minimum."""
+    from peft_effadapt.pruning.flops import round_to as rounded
+
+    flops = _chain_flops(sizes)
+    gen = torch.Generator().manual_seed(seed)
+    norms = {n: (torch.randint(0, 3, (s,), generator=gen).float() if ties else torch.rand(s, generator=gen))
+             for n, s in flops.sizes.items()}
+    floor = {n: rounded(1, round_to, s) for n, s in flops.sizes.items()}
+    assume(flops.ratio(floor) <= target)
+    maskable = sum(s - floor[n] for n, s in flops.sizes.items())
+    masks = {n: torch.ones_like(v) for n, v in norms.items()}
+    for update in range(maskable // granularity + 2):
+        before = {n: int((m == 0).sum()) for n, m in masks.items()}
+        was_above = flops.ratio({n: int(m.sum()) for n, m in masks.items()}) > target
+        masks = choose_masks(norms, flops, target, current=masks, granularity=granularity, min_channels=floor,
+                             round_to=round_to)
+        widths = {n: int(m.sum()) for n, m in masks.items()}
+        for n, w in widths.items():
+            assert w == rounded(w, round_to, flops.sizes[n]) and w >= floor[n]
+        masked = sum(flops.sizes[n] - w for n, w in widths.items())
+        if flops.ratio(widths) <= target:
+            break
+        assert was_above and masked >= sum(before.values()) + granularity
+    else:
+        raise AssertionError(f"target {target} not reached after {update + 1} updates: {widths}")
+    # at target the choice is stable: a further update keeps exactly these masks
+    again = choose_masks(norms, flops, target, current=masks, granularity=granularity, min_channels=floor,
+                         round_to=round_to)
+    assert all(torch.equal(again[n], masks[n]) for n in masks)
+
+
+@pytest.mark.parametrize("round_to", [2, 4])
+def test_callback_update_masks_with_round_to_reaches_target(round_to):
+    """The issue-17 reproduction: fixed compactor norms, repeated `update_masks()` with `round_to` (was stuck at 1.0)."""
+    model = tiny_resnet("basic", depths=(1, 1), hidden_sizes=(32, 64))
+    x = {"pixel_values": torch.randn(1, 3, 32, 32)}
+    cb = ResRepCallback(flops_target=0.6, mask_interval=1, warmup_steps=4, begin_granularity=16, round_to=round_to)
+    cb.prepare(model, x)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for compactor in cb.compactors.values():
+            compactor.weight.mul_(torch.rand(compactor.weight.shape[0], 1, generator=gen))
+    ratios = []
+    for _ in range(40):
+        widths = cb.update_masks()
+        ratios.append(cb.masked_flops_ratio)
+        if cb.masked_flops_ratio <= 0.6:
+            break
+    assert ratios[-1] <= 0.6 and ratios == sorted(ratios, reverse=True)
+    assert all(w % round_to == 0 for w in widths.values())
 
 
 # ------------------------------------------------------------------------------------------------- bad input
