@@ -28,7 +28,7 @@ from peft_effadapt.pruning import (  # noqa: E402
     FlopsModel,
     ResRepCallback,
     apply_plan,
-    build_resrep_param_groups,
+    resrep_param_groups,
     count_flops,
     find_channel_groups,
     plan_from_widths,
@@ -144,9 +144,9 @@ def resrep_row(train, test, target: float, steps: int, seed: int = 0) -> dict:
     # with a larger lambda momentum 0.99 overshoots zero and oscillates with a large amplitude): lambda 0.05 and
     # compactor momentum 0.9, masks complete early and frozen after 30 % of the steps, cosine lr to 0.
     cb = ResRepCallback(flops_target=target, lasso_strength=LASSO, mask_interval=5, warmup_steps=steps // 20,
-                        begin_granularity=32, freeze_masks_after=0.3, drop_masked_rows_on_convert=True)
+                        begin_granularity=32, freeze_masks_after=0.3, drop_masked_rows=True)
     cb.prepare(model, {"pixel_values": test[0][:32]})
-    optimizer = torch.optim.SGD(build_resrep_param_groups(model, lr=0.02, compactor_momentum=COMPACTOR_MOMENTUM),
+    optimizer = torch.optim.SGD(resrep_param_groups(model, lr=0.02, compactor_momentum=COMPACTOR_MOMENTUM),
                                 lr=0.02, momentum=0.9)
     start = time.perf_counter()
     _train(model, train, steps, 0.02, optimizer, seed=seed, callback=cb)
@@ -154,7 +154,7 @@ def resrep_row(train, test, target: float, steps: int, seed: int = 0) -> dict:
     before_conversion = _accuracy(model, test)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        plan = cb.convert()
+        plan = cb.slim()
     return {"method": "ResRep", "flops_ratio": cb.final_flops_ratio, "accuracy": _accuracy(model, test),
             "lasso_strength": LASSO, "compactor_momentum": COMPACTOR_MOMENTUM,
             "accuracy_before_conversion": before_conversion, "masked_flops_ratio": cb.masked_flops_ratio, "target_reached_step": cb.target_reached_step,
@@ -183,7 +183,7 @@ def l1_row(train, test, flops_ratio: float, steps: int, seed: int = 0) -> dict:
     plan = plan_from_widths(model, groups, widths(hi), method="l1")
     apply_plan(model, plan)
     pruned = _accuracy(model, test)
-    optimizer = torch.optim.SGD(build_resrep_param_groups(model, lr=0.02), lr=0.02, momentum=0.9)
+    optimizer = torch.optim.SGD(resrep_param_groups(model, lr=0.02), lr=0.02, momentum=0.9)
     start = time.perf_counter()
     _train(model, train, steps, 0.02, optimizer, seed=seed)
     return {"method": "L1 + fine-tune", "flops_ratio": flops.ratio(plan.widths), "accuracy": _accuracy(model, test),

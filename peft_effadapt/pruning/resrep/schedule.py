@@ -7,8 +7,8 @@ from collections.abc import Mapping
 
 import torch
 
-from .flops import FlopsModel
-from .flops import round_to as _round_to
+from ..flops import FlopsModel
+from ..flops import round_to as _round_to
 
 
 def choose_masks(norms: Mapping[str, torch.Tensor], flops: FlopsModel, flops_target: float, *,
