@@ -194,6 +194,26 @@ def test_residual_followers_share_the_pacesetter_clusters():
     assert entry.clusters == kmeans_clusters(pace, entry.group.size // 2, seed=0)
 
 
+@pytest.mark.parametrize("family", ["internal", "streams"])
+def test_group_families_select_and_slim_exactly(family):
+    """`groups=` picks a family: "streams" clusters only the residual streams and the stem, "internal" only the
+    layers inside blocks; either slims exactly once the clusters are identical."""
+    model = tiny_resnet()
+    randomize_batchnorm(model)
+    x = torch.randn(2, 3, 32, 32)
+    cb = CentripetalSGDCallback(keep_ratio=0.5, groups=family)
+    cb.prepare(model)
+    residual = {e.group.name: e.group.residual or e.group.meta.get("role") == "stem" for e in cb._entries}
+    assert residual and all(v == (family == "streams") for v in residual.values())
+    with torch.no_grad():
+        project_onto_cluster_means(cb)
+        before = model(x).logits
+    cb.slim(model, inputs=x)
+    with torch.no_grad():
+        after = model(x).logits
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5 * max(1.0, float(before.abs().max())))
+
+
 def test_slimmed_model_reloads_identically_in_a_fresh_process(tmp_path):
     model = tiny_resnet()
     randomize_batchnorm(model)
