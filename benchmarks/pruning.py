@@ -43,6 +43,7 @@ from peft_effadapt.pruning import (  # noqa: E402
     select_groups,
     widths_for_flops,
 )
+from peft_effadapt.pruning import round_to as round_to_multiple  # noqa: E402
 
 from common import RESULTS, interleaved_medians, write_result  # noqa: E402
 
@@ -74,30 +75,39 @@ class _Logits(nn.Module):
 
 
 def torch_pruning_model(full, flops_target: float, one: dict, round_to: int = 16):
-    """Torch-Pruning's uniform (non-global) L1 magnitude pruner on every prunable layer but the classifier, its
-    pruning ratio bisected to the largest FLOPs <= `flops_target` of the dense model."""
+    """Torch-Pruning's uniform (non-global) L1 magnitude pruner on every prunable layer but the classifier, at the
+    smallest pruning ratio whose measured FLOPs are <= `flops_target` of the dense model. The ratio is first
+    estimated with our FLOPs model (every group kept at (1 - ratio)·size rounded to `round_to`), then raised in small
+    steps until the pruned model's measured FLOPs fit (each try is one real Torch-Pruning run)."""
     import torch_pruning as tp
 
     base = count_flops(full, one)
+    groups = find_channel_groups(full)
+    flops = FlopsModel.measure(full, one, groups)
+    prunable = [g for g in groups if g.prunable]
 
-    def pruned(ratio):
-        model = copy.deepcopy(full)
-        wrapped = _Logits(model)
-        pruner = tp.pruner.MagnitudePruner(wrapped, one["pixel_values"], importance=tp.importance.MagnitudeImportance(p=1),
-                                           pruning_ratio=ratio, ignored_layers=[model.classifier[-1]],
-                                           round_to=round_to, global_pruning=False)
-        pruner.step()
-        return model, count_flops(model, one) / base
+    def estimate(ratio):
+        return flops.ratio({g.name: round_to_multiple(max(1, int(g.size * (1 - ratio))), round_to, g.size)
+                            for g in prunable})
 
-    lo, hi, best = 0.0, 0.9, None
-    for _ in range(10):
+    lo, hi = 0.0, 0.95
+    for _ in range(30):
         mid = (lo + hi) / 2
-        model, ratio = pruned(mid)
-        if ratio <= flops_target:
-            hi, best = mid, (model, ratio, mid)
-        else:
-            lo = mid
-    return best
+        lo, hi = (lo, mid) if estimate(mid) <= flops_target else (mid, hi)
+    ratio = hi
+    for _ in range(20):
+        model = copy.deepcopy(full)
+        pruner = tp.pruner.MagnitudePruner(_Logits(model), one["pixel_values"],
+                                           importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=ratio,
+                                           ignored_layers=[model.classifier[-1]], round_to=round_to,
+                                           global_pruning=False)
+        pruner.step()
+        measured = count_flops(model, one) / base
+        print(f"torch-pruning ratio {ratio:.4f}: FLOPs {measured:.4f}", flush=True)
+        if measured <= flops_target:
+            return model, measured, ratio
+        ratio += 0.01
+    raise RuntimeError(f"Torch-Pruning did not reach {flops_target} FLOPs")
 
 
 def speed(repeats: int, threads: int) -> dict:
@@ -149,6 +159,7 @@ def speed(repeats: int, threads: int) -> dict:
                     m(pixel_values=x)
             fns[f"{name}/{layout}"] = run
     uptime_before = _uptime()
+    print(f"timing {len(fns)} models; {uptime_before}", flush=True)
     times = interleaved_medians(fns, repeats=repeats, warmup=2)
     table = []
     for layout in layouts:
