@@ -1,26 +1,34 @@
-"""Structured pruning benchmarks (issue 8, item 6).
+"""Structured pruning benchmarks (issues 8 and 17): speed and accuracy side by side.
 
-speed:    a ResNet-50-shaped HF model (random weights) slimmed to the official ResRep widths (resrep.md §c), with and
-          without round_to=16: FLOPs ratio (torch FlopCounterMode, 224x224) and CPU latency ratio (batch 8, interleaved
-          medians, 2 threads) -> results/pruning_speed.json
-accuracy: the testbed ResNet (source domain) before pruning, after ResRep at ~50 % FLOPs, and L1-magnitude pruning +
-          fine-tuning at the same FLOPs (same steps, same schedule); `csgd_row` is the hook for C-SGD's row
-          -> results/pruning_accuracy.json and pruning_accuracy.svg (accuracy vs FLOPs)
+speed:    a ResNet-50-shaped HF model (random weights) slimmed to <= 0.50 FLOPs in several ways — the official ResRep
+          internal widths (resrep.md §c, 0.455), uniform internal-only widths, uniform widths over all groups
+          (residual streams included; `widths_for_flops(..., groups="all", round_to=16)`) and Torch-Pruning's
+          uniform L1 pruner at the same FLOPs — in NCHW and channels_last: FLOPs ratio (torch FlopCounterMode,
+          224x224) and CPU latency (batch 8, 2 threads, interleaved medians in one process) against the dense model in
+          the same layout -> results/pruning_speed.json
+accuracy: the testbed tiny ResNet (source domain), >= 3 seeds: ResRep and C-SGD with internal-only and all groups at
+          0.7 and 0.5 FLOPs, and L1-magnitude pruning + fine-tuning (same groups, FLOPs, steps and schedule), mean and
+          std over seeds -> results/pruning_accuracy.json (+ .svg). Every finished run is cached in
+          results/pruning_runs/ and reused, so an interrupted sweep resumes where it stopped.
 
-    python benchmarks/pruning.py speed [--repeats 7]
-    python benchmarks/pruning.py accuracy [--targets 0.5 0.7] [--steps 300] [--threads 1]
+    python benchmarks/pruning.py speed [--repeats 9]                      # needs: pip install torch-pruning (bench)
+    nice -n 10 python benchmarks/pruning.py accuracy [--seeds 0 1 2] [--steps 600] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import os
+import statistics
 import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import ResNetConfig, ResNetForImageClassification
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -28,11 +36,14 @@ from peft_effadapt.pruning import (  # noqa: E402
     FlopsModel,
     ResRepCallback,
     apply_plan,
-    build_resrep_param_groups,
     count_flops,
     find_channel_groups,
     plan_from_widths,
+    resrep_param_groups,
+    select_groups,
+    widths_for_flops,
 )
+from peft_effadapt.pruning import round_to as round_to_multiple  # noqa: E402
 
 from common import RESULTS, interleaved_medians, write_result  # noqa: E402
 
@@ -44,6 +55,7 @@ RESREP_RESNET50_WIDTHS = [
     [(189, 204), (69, 145), (65, 139), (64, 94), (67, 89), (86, 95)],
     [(473, 488), (171, 281), (511, 512)],
 ]
+RUNS = RESULTS / "pruning_runs"
 
 
 def resrep_widths() -> dict[str, int]:
@@ -51,7 +63,58 @@ def resrep_widths() -> dict[str, int]:
             for i, pair in enumerate(stage) for k, w in enumerate(pair)}
 
 
-def speed(repeats: int, threads: int) -> dict:
+class _Logits(nn.Module):
+    """HF classifier -> plain logits module (Torch-Pruning traces a tensor-to-tensor forward)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(pixel_values=x).logits
+
+
+def torch_pruning_model(full, flops_target: float, one: dict, round_to: int = 16, ratio: float | None = None):
+    """Torch-Pruning's uniform (non-global) L1 magnitude pruner on every prunable layer but the classifier, at the
+    smallest pruning ratio whose measured FLOPs are <= `flops_target` of the dense model. The ratio is first
+    estimated with our FLOPs model (every group kept at (1 - ratio)·size rounded to `round_to`), then raised in small
+    steps until the pruned model's measured FLOPs fit (each try is one real Torch-Pruning run)."""
+    import torch_pruning as tp
+
+    base = count_flops(full, one)
+    groups = find_channel_groups(full)
+    flops = FlopsModel.measure(full, one, groups)
+    prunable = [g for g in groups if g.prunable]
+
+    def estimate(ratio):
+        return flops.ratio({g.name: round_to_multiple(max(1, int(g.size * (1 - ratio))), round_to, g.size)
+                            for g in prunable})
+
+    lo, hi = 0.0, 0.95
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if estimate(mid) <= flops_target else (mid, hi)
+    ratio, best = ratio or hi, None
+    for _ in range(4):  # secant steps on FLOPs ~ (1 - ratio)^2, keeping the closest fit below the target
+        model = copy.deepcopy(full)
+        pruner = tp.pruner.MagnitudePruner(_Logits(model), one["pixel_values"],
+                                           importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=ratio,
+                                           ignored_layers=[model.classifier[-1]], round_to=round_to,
+                                           global_pruning=False)
+        pruner.step()
+        measured = count_flops(model, one) / base
+        print(f"torch-pruning ratio {ratio:.4f}: FLOPs {measured:.4f}", flush=True)
+        if measured <= flops_target and (best is None or measured > best[1]):
+            best = (model, measured, ratio)
+        if best is not None and flops_target - best[1] < 0.01:
+            break
+        ratio = 1 - (1 - ratio) * (flops_target / measured) ** 0.5 + (0.003 if measured > flops_target else -0.003)
+    if best is None:
+        raise RuntimeError(f"Torch-Pruning did not reach {flops_target} FLOPs")
+    return best
+
+
+def speed(repeats: int, threads: int, tp_ratio: float | None = None) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     config = ResNetConfig(num_labels=1000)  # ResNet-50 layout (stride in the 3x3 conv), ImageNet head
@@ -59,36 +122,83 @@ def speed(repeats: int, threads: int) -> dict:
     groups = find_channel_groups(full)
     one = {"pixel_values": torch.randn(1, 3, 224, 224)}
     flops = FlopsModel.measure(full, one, groups)
-    models, rows = {"full": full}, {}
-    for name, multiple in (("resrep", None), ("resrep_round16", 16)):
-        model = ResNetForImageClassification(config).eval()
-        model.load_state_dict(full.state_dict())
-        plan = plan_from_widths(model, groups, resrep_widths(), round_to=multiple)
+    variants = {
+        "resrep_official_internal": (resrep_widths(), None),
+        "internal_round16": (widths_for_flops(full, one, 0.5, groups="internal", round_to=16), 16),
+        "all_groups_round16": (widths_for_flops(full, one, 0.5, groups="all", round_to=16), 16),
+    }
+    slim, rows = {"dense": full}, {"dense": {"flops_ratio": 1.0, "gflops_224": flops.baseline / 1e9,
+                                             "params_m": sum(p.numel() for p in full.parameters()) / 1e6}}
+    for name, (widths, multiple) in variants.items():
+        model = copy.deepcopy(full)
+        plan = plan_from_widths(model, groups, widths, round_to=multiple)
         apply_plan(model, plan)
-        models[name] = model
         measured = count_flops(model, one)
         assert measured == flops.flops(plan.widths)
+        slim[name] = model
         rows[name] = {"flops_ratio": measured / flops.baseline, "round_to": multiple,
+                      "groups": sorted({"streams" if g.residual or g.meta.get("role") == "stem" else "internal"
+                                        for g in select_groups(groups, "all") if g.name in plan.widths}),
                       "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
-    rows["full"] = {"flops_ratio": 1.0, "params_m": sum(p.numel() for p in full.parameters()) / 1e6,
-                    "gflops_224": flops.baseline / 1e9}
+    try:
+        import torch_pruning as tp
+
+        model, ratio, tp_ratio = torch_pruning_model(full, rows["all_groups_round16"]["flops_ratio"], one,
+                                                     ratio=tp_ratio)
+        slim["torch_pruning_round16"] = model
+        rows["torch_pruning_round16"] = {"flops_ratio": ratio, "round_to": 16, "pruning_ratio": tp_ratio,
+                                         "torch_pruning": tp.__version__,
+                                         "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+        if ratio < rows["all_groups_round16"]["flops_ratio"] - 0.01:  # ours at Torch-Pruning's FLOPs, too
+            widths = widths_for_flops(full, one, ratio, groups="all", round_to=16)
+            model = copy.deepcopy(full)
+            apply_plan(model, plan_from_widths(model, groups, widths, round_to=16))
+            slim["all_groups_round16_at_tp_flops"] = model
+            rows["all_groups_round16_at_tp_flops"] = {"flops_ratio": count_flops(model, one) / flops.baseline,
+                                                      "round_to": 16, "groups": ["internal", "streams"],
+                                                      "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+    except ImportError:
+        warnings.warn("torch-pruning is not installed (pip install torch-pruning): its row is left out.", stacklevel=1)
     batch = torch.randn(8, 3, 224, 224)
+    layouts = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+    fns = {}
+    for layout, fmt in layouts.items():
+        x = batch.contiguous(memory_format=fmt)
+        for name, model in slim.items():
+            m = copy.deepcopy(model).to(memory_format=fmt)
 
-    def runner(model):
-        def run():
-            with torch.inference_mode():
-                model(pixel_values=batch)
-        return run
+            def run(m=m, x=x):
+                with torch.inference_mode():
+                    m(pixel_values=x)
+            fns[f"{name}/{layout}"] = run
+    uptime_before = _uptime()
+    print(f"timing {len(fns)} models; {uptime_before}", flush=True)
+    times = interleaved_medians(fns, repeats=repeats, warmup=2)
+    table = []
+    for layout in layouts:
+        dense_same, dense_nchw = times[f"dense/{layout}"], times["dense/nchw"]
+        for name in slim:
+            seconds = times[f"{name}/{layout}"]
+            table.append({"model": name, "layout": layout, "flops_ratio": rows[name]["flops_ratio"],
+                          "latency_s": seconds, "speedup_vs_dense_same_layout": dense_same / seconds,
+                          "speedup_vs_dense_nchw": dense_nchw / seconds})
+    tp_rows = {r["layout"]: r for r in table if r["model"] == "torch_pruning_round16"}
+    for r in table:
+        if r["model"].startswith("all_groups_round16") and r["layout"] in tp_rows:
+            r["latency_vs_torch_pruning"] = r["latency_s"] / tp_rows[r["layout"]]["latency_s"]
+    return {"task": "ResNet-50 (HF layout, random weights, 1000 classes) slimmed to <= 0.50 FLOPs", "batch": 8,
+            "image_size": 224, "threads": threads, "repeats": repeats, "uptime_before": uptime_before,
+            "uptime_after": _uptime(), "flops_convention": "FlopCounterMode (2 per MAC), 224x224",
+            "models": rows, "table": table}
 
-    load_before = os.getloadavg()
-    times = interleaved_medians({name: runner(m) for name, m in models.items()}, repeats=repeats, warmup=2)
-    for name, seconds in times.items():
-        rows[name]["latency_s"] = seconds
-        rows[name]["speedup"] = times["full"] / seconds
-    return {"task": "ResNet-50 (HF layout, random weights) slimmed to the official ResRep internal widths",
-            "batch": 8, "image_size": 224, "threads": threads, "repeats": repeats,
-            "load_average_1min": [load_before[0], os.getloadavg()[0]], "flops_convention":
-            "FlopCounterMode (2 per MAC), 224x224, stride in the 3x3 conv", "rows": rows}
+
+def _uptime() -> str:
+    try:
+        import subprocess
+
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+    except OSError:
+        return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
 
 
 # ------------------------------------------------------------------------------------------------- accuracy
@@ -136,17 +246,17 @@ def _train(model, train, steps, lr, optimizer, batch=64, seed=0, callback=None):
     model.eval()
 
 
-def resrep_row(train, test, target: float, steps: int, seed: int = 0) -> dict:
+def resrep_row(train, test, target: float, steps: int, seed: int = 0, scope: str = "internal") -> dict:
     from peft_effadapt.testing import load_tiny_resnet
 
     model, _ = load_tiny_resnet()
     # Short-schedule settings (the paper's lambda = 1e-4 with compactor momentum 0.99 needs ~1e4 steps per row, and
     # with a larger lambda momentum 0.99 overshoots zero and oscillates with a large amplitude): lambda 0.05 and
     # compactor momentum 0.9, masks complete early and frozen after 30 % of the steps, cosine lr to 0.
-    cb = ResRepCallback(flops_target=target, lasso_strength=LASSO, mask_interval=5, warmup_steps=steps // 20,
-                        begin_granularity=32, freeze_masks_after=0.3, drop_masked_rows_on_convert=True)
+    cb = ResRepCallback(flops_target=target, groups=scope, lasso_strength=LASSO, mask_interval=5,
+                        warmup_steps=steps // 20, begin_granularity=32, freeze_masks_after=0.3, drop_masked_rows=True)
     cb.prepare(model, {"pixel_values": test[0][:32]})
-    optimizer = torch.optim.SGD(build_resrep_param_groups(model, lr=0.02, compactor_momentum=COMPACTOR_MOMENTUM),
+    optimizer = torch.optim.SGD(resrep_param_groups(model, lr=0.02, compactor_momentum=COMPACTOR_MOMENTUM),
                                 lr=0.02, momentum=0.9)
     start = time.perf_counter()
     _train(model, train, steps, 0.02, optimizer, seed=seed, callback=cb)
@@ -154,104 +264,134 @@ def resrep_row(train, test, target: float, steps: int, seed: int = 0) -> dict:
     before_conversion = _accuracy(model, test)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        plan = cb.convert()
-    return {"method": "ResRep", "flops_ratio": cb.final_flops_ratio, "accuracy": _accuracy(model, test),
-            "lasso_strength": LASSO, "compactor_momentum": COMPACTOR_MOMENTUM,
-            "accuracy_before_conversion": before_conversion, "masked_flops_ratio": cb.masked_flops_ratio, "target_reached_step": cb.target_reached_step,
+        plan = cb.slim()
+    return {"method": "ResRep", "scope": scope, "seed": seed, "flops_ratio": cb.final_flops_ratio,
+            "accuracy": _accuracy(model, test), "lasso_strength": LASSO, "compactor_momentum": COMPACTOR_MOMENTUM,
+            "accuracy_before_conversion": before_conversion, "masked_flops_ratio": cb.masked_flops_ratio,
+            "target_reached_step": cb.target_reached_step,
             "max_masked_row_norm": float(masked.max()) if masked.numel() else 0.0,
             "conversion_max_abs_error": cb.conversion_error, "widths": plan.widths,
             "train_seconds": time.perf_counter() - start}
 
 
-def l1_row(train, test, flops_ratio: float, steps: int, seed: int = 0) -> dict:
-    """Magnitude (L1 of each filter) pruning of the same internal layers with one keep ratio for all, chosen by
-    bisection to match `flops_ratio`, then fine-tuning with the same steps and schedule (SGD, no compactors)."""
+def l1_row(train, test, flops_ratio: float, steps: int, seed: int = 0, scope: str = "internal") -> dict:
+    """Magnitude (L1 of each filter, summed over a group's producers) pruning of the same groups with one keep ratio
+    for all, the largest within `flops_ratio`, then fine-tuning with the same steps and schedule (SGD)."""
     from peft_effadapt.testing import load_tiny_resnet
 
     model, _ = load_tiny_resnet()
     groups = find_channel_groups(model)
-    internal = [g for g in groups if g.internal and g.meta.get("role") == "block"]
-    flops = FlopsModel.measure(model, {"pixel_values": test[0][:32]}, groups)
-
-    def widths(ratio):
-        return {g.name: max(1, round(ratio * g.size)) for g in internal}
-
-    lo, hi = 0.0, 1.0
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if flops.ratio(widths(mid)) < flops_ratio else (lo, mid)
-    plan = plan_from_widths(model, groups, widths(hi), method="l1")
+    x = {"pixel_values": test[0][:32]}
+    widths = widths_for_flops(model, x, flops_ratio, groups=scope)
+    plan = plan_from_widths(model, groups, widths, method="l1")
     apply_plan(model, plan)
     pruned = _accuracy(model, test)
-    optimizer = torch.optim.SGD(build_resrep_param_groups(model, lr=0.02), lr=0.02, momentum=0.9)
+    optimizer = torch.optim.SGD(resrep_param_groups(model, lr=0.02), lr=0.02, momentum=0.9)
     start = time.perf_counter()
     _train(model, train, steps, 0.02, optimizer, seed=seed)
-    return {"method": "L1 + fine-tune", "flops_ratio": flops.ratio(plan.widths), "accuracy": _accuracy(model, test),
-            "accuracy_before_finetune": pruned, "keep_ratio": hi, "train_seconds": time.perf_counter() - start}
+    return {"method": "L1 + fine-tune", "scope": scope, "seed": seed,
+            "flops_ratio": FlopsModel.measure(load_tiny_resnet()[0], x, groups).ratio(plan.widths),
+            "accuracy": _accuracy(model, test), "accuracy_before_finetune": pruned,
+            "train_seconds": time.perf_counter() - start}
 
 
-def csgd_row(train, test, flops_ratio: float, steps: int, seed: int = 0) -> dict | None:
-    """Hook for C-SGD's row (the C-SGD benchmark adds it): same data, FLOPs ratio and step budget; return a dict with
-    at least method, flops_ratio and accuracy, or None to leave the row out."""
-    from pruning_csgd import run_csgd  # C-SGD on the same internal groups, cosine schedule, lr 0.02 (SGD, Nesterov)
+def csgd_row(train, test, flops_ratio: float, steps: int, seed: int = 0, scope: str = "internal") -> dict:
+    """C-SGD on the same groups, FLOPs, steps and cosine schedule (lr 0.02, SGD Nesterov) through the Trainer."""
+    from pruning_csgd import run_csgd
 
-    return run_csgd(train, test, flops_ratio, steps, seed, lr=0.02, centripetal_strength=3.0, scope="internal",
-                    schedule="cosine")
+    try:
+        row = run_csgd(train, test, flops_ratio, steps, seed, lr=0.02, centripetal_strength=3.0, scope=scope,
+                       schedule="cosine")
+    except RuntimeError as err:  # the slimming check refuses a lossy result when clusters did not converge
+        return {"method": "C-SGD", "scope": scope, "seed": seed, "flops_ratio": flops_ratio, "accuracy": None,
+                "error": str(err)[:300]}
+    row.update(method="C-SGD", scope=scope, seed=seed)
+    row.pop("deviation_history", None)
+    return row
 
 
-def accuracy(targets: list[float], steps: int, n_train: int, threads: int) -> dict:
+METHODS = {"ResRep": resrep_row, "C-SGD": csgd_row, "L1 + fine-tune": l1_row}
+
+
+def accuracy(targets: list[float], scopes: list[str], seeds: list[int], steps: int, n_train: int,
+             threads: int, cached_only: bool = False) -> dict:
+    """Every (target, scope, method, seed) run, each cached as results/pruning_runs/<key>.json and reused
+    (`cached_only`: summarise the finished runs without starting new ones)."""
     from peft_effadapt.testing import load_tiny_resnet
 
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
     train, test = _data(n_train)
     base, _ = load_tiny_resnet()
-    rows = [{"method": "unpruned", "flops_ratio": 1.0, "accuracy": _accuracy(base, test)}]
+    RUNS.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for target in targets:  # seeds innermost: an interrupted sweep leaves complete mean/std cells
+        for scope in scopes:
+            for method, fn in METHODS.items():
+                for seed in seeds:
+                    key = f"{method.split()[0].lower()}-{scope}-{target}-seed{seed}-steps{steps}-n{n_train}"
+                    path = RUNS / f"{key}.json"
+                    if path.is_file():
+                        row = json.loads(path.read_text())
+                    elif cached_only:
+                        continue
+                    else:
+                        torch.manual_seed(seed)
+                        row = {**fn(train, test, target, steps, seed, scope), "target": target}
+                        path.write_text(json.dumps(row, indent=1) + "\n")
+                    runs.append(row)
+                    print(key, row.get("flops_ratio"), row.get("accuracy"), flush=True)
+    summary = []
     for target in targets:
-        resrep = resrep_row(train, test, target, steps)
-        rows.append(resrep)
-        print(resrep, flush=True)
-        rows.append(l1_row(train, test, resrep["flops_ratio"], steps))
-        print(rows[-1], flush=True)
-        try:
-            extra = csgd_row(train, test, resrep["flops_ratio"], steps)
-        except RuntimeError as err:  # e.g. C-SGD's trim refuses a lossy result when clusters did not converge
-            extra = {"method": "C-SGD", "flops_ratio": resrep["flops_ratio"], "accuracy": None,
-                     "error": str(err)[:300]}
-        if extra is not None:
-            rows.append(extra)
-        print(rows[-3:], flush=True)
+        for scope in scopes:
+            for method in METHODS:
+                rows = [r for r in runs if r["method"] == method and r["scope"] == scope and r["target"] == target]
+                accs = [r["accuracy"] for r in rows if r["accuracy"] is not None]
+                if not rows:
+                    continue
+                summary.append({"method": method, "scope": scope, "target": target, "seeds": len(accs),
+                                "failed": len(rows) - len(accs),
+                                "flops_ratio_mean": statistics.mean(r["flops_ratio"] for r in rows),
+                                "accuracy_mean": statistics.mean(accs) if accs else None,
+                                "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else None})
+    unpruned = _accuracy(base, test)
     try:
         from plots import line_plot_svg
 
         series: dict[str, list[tuple[float, float]]] = {}
-        for row in rows[1:]:
-            if row["accuracy"] is None:
-                continue
-            series.setdefault(row["method"], []).append((row["flops_ratio"], row["accuracy"]))
+        for row in summary:
+            if row["accuracy_mean"] is not None:
+                series.setdefault(f"{row['method']} ({row['scope']})", []).append(
+                    (row["flops_ratio_mean"], row["accuracy_mean"]))
         for points in series.values():
-            points.append((1.0, rows[0]["accuracy"]))
+            points.append((1.0, unpruned))
         line_plot_svg(RESULTS / "pruning_accuracy.svg", series, xlabel="remaining FLOPs fraction",
-                      ylabel="source test accuracy", title="Tiny ResNet: accuracy vs FLOPs")
+                      ylabel="source test accuracy (mean over seeds)", title="Tiny ResNet: accuracy vs FLOPs")
     except ImportError:
         pass
-    return {"task": "testbed tiny ResNet, source domain (8 shapes); internal bottleneck convs pruned",
-            "steps": steps, "batch": 64, "lr": 0.02, "n_train_per_class": n_train, "threads": threads, "rows": rows}
+    return {"task": "testbed tiny ResNet, source domain (8 shapes); internal-only vs all groups (residual streams "
+                    "and stem included)", "unpruned_accuracy": unpruned, "steps": steps, "batch": 64, "lr": 0.02,
+            "schedule": "cosine", "n_train_per_class": n_train, "threads": threads, "seeds": seeds,
+            "summary": summary, "runs": runs}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["speed", "accuracy", "all"])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--targets", type=float, nargs="+", default=[0.5])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=None, help="default: 2 for speed, 1 for accuracy")
+    parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.7])
+    parser.add_argument("--scopes", nargs="+", default=["internal", "all"], choices=["internal", "streams", "all"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--n-train", type=int, default=128, help="training images per class")
+    parser.add_argument("--tp-ratio", type=float, default=None, help="first Torch-Pruning ratio to try")
+    parser.add_argument("--cached-only", action="store_true", help="summarise finished runs, start none")
     args = parser.parse_args()
     if args.what in ("speed", "all"):
-        write_result("pruning_speed", speed(args.repeats, args.threads))
+        write_result("pruning_speed", speed(args.repeats, args.threads or 2, args.tp_ratio))
     if args.what in ("accuracy", "all"):
-        write_result("pruning_accuracy", accuracy(args.targets, args.steps, args.n_train, args.threads))
+        write_result("pruning_accuracy", accuracy(args.targets, args.scopes, args.seeds, args.steps, args.n_train,
+                                                  args.threads or 1, args.cached_only))
 
 
 if __name__ == "__main__":

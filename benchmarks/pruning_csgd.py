@@ -21,8 +21,7 @@ import torch
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
-from peft_effadapt.pruning import count_flops, find_channel_groups
-from peft_effadapt.pruning.csgd import CentripetalSGDCallback, widths_for_flops
+from peft_effadapt.pruning import CentripetalSGDCallback, count_flops, widths_for_flops
 from peft_effadapt.testing import dataset_images, load_tiny_resnet, make_domain_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -53,13 +52,8 @@ def run_csgd(train=None, test=None, flops_ratio: float = 0.5, steps: int = 600, 
     x = test[0][:1]
     flops0, params0 = count_flops(model, x), sum(p.numel() for p in model.parameters())
     before = _accuracy(model, test)
-    groups = find_channel_groups(model)
-    if scope == "internal":
-        groups = [g for g in groups if g.internal and g.meta.get("role") == "block"]
-    elif scope != "all":
-        raise ValueError(f"scope must be 'all' or 'internal', got {scope!r}")
-    widths = widths_for_flops(model, x, flops_ratio, groups=groups, round_to_multiple=round_to)
-    callback = CentripetalSGDCallback(keep_ratio=widths, groups=groups, centripetal_strength=centripetal_strength,
+    widths = widths_for_flops(model, x, flops_ratio, groups=scope, round_to=round_to)
+    callback = CentripetalSGDCallback(keep_ratio=widths, groups=scope, centripetal_strength=centripetal_strength,
                                       round_to=round_to, check_inputs={"pixel_values": test[0][:64]})
     train_set = Dataset.from_dict({"pixel_values": train[0].numpy(), "labels": train[1].numpy()}).with_format("torch")
     with tempfile.TemporaryDirectory() as out:
@@ -78,8 +72,8 @@ def run_csgd(train=None, test=None, flops_ratio: float = 0.5, steps: int = 600, 
         "flops_ratio": count_flops(model, x) / flops0,
         "params_ratio": sum(p.numel() for p in model.parameters()) / params0,
         "widths": callback.plan.widths,
-        "trim_max_abs_logit_diff": callback.trim_report["max_abs_logit_diff"],
-        "trim_max_abs_logit": callback.trim_report["max_abs_logit"],
+        "trim_max_abs_output_diff": callback.slim_report["max_abs_output_diff"],
+        "trim_max_abs_logit": callback.slim_report["max_abs_output"],
         "deviation_history": callback.deviation_history,
         "settings": {"flops_target": flops_ratio, "steps": steps, "lr": lr, "schedule": schedule, "scope": scope,
                      "centripetal_strength": centripetal_strength, "batch_size": batch_size, "round_to": round_to,

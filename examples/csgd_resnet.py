@@ -25,8 +25,7 @@ from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
 import peft_effadapt  # noqa: F401
-from peft_effadapt.pruning import count_flops, load_slimmed
-from peft_effadapt.pruning.csgd import CentripetalSGDCallback, widths_for_flops
+from peft_effadapt.pruning import CentripetalSGDCallback, count_flops, load_slimmed, widths_for_flops
 from peft_effadapt.testing import classifier_accuracy, dataset_images, load_tiny_resnet, make_domain_dataset
 
 
@@ -57,7 +56,7 @@ def main(argv=None):
     flops0 = count_flops(model, x)
     acc0 = classifier_accuracy(model, test, processor)
 
-    widths = widths_for_flops(model, x, args.flops, round_to_multiple=args.round_to)
+    widths = widths_for_flops(model, x, args.flops, round_to=args.round_to)
     out = Path(args.output_dir)
     callback = CentripetalSGDCallback(keep_ratio=widths, centripetal_strength=args.strength, round_to=args.round_to,
                                       check_inputs={"pixel_values": probe}, save_dir=str(out / "slimmed"))
@@ -73,8 +72,8 @@ def main(argv=None):
         return
     model.eval()
     print(f"cluster deviation during training: {[f'{s}:{d:.1e}' for s, d in callback.deviation_history]}")
-    print(f"trim: largest member gap {callback.trim_report['max_gap']:.2e}, "
-          f"max |logit change| {callback.trim_report['max_abs_logit_diff']:.2e}")
+    print(f"trim: largest member gap {callback.slim_report['max_gap']:.2e}, "
+          f"max |logit change| {callback.slim_report['max_abs_output_diff']:.2e}")
     print(f"widths: {callback.plan.widths}")
     print(f"FLOPs ratio {count_flops(model, x) / flops0:.3f} (target {args.flops})")
     print(f"accuracy before {acc0:.4f}  after C-SGD {classifier_accuracy(model, test, processor):.4f}")

@@ -23,7 +23,7 @@ import torch
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
-from peft_effadapt.pruning import ResRepCallback, build_resrep_param_groups, count_flops, load_slimmed
+from peft_effadapt.pruning import ResRepCallback, count_flops, load_slimmed, resrep_param_groups
 from peft_effadapt.testing import dataset_images, load_tiny_resnet, make_domain_dataset
 
 
@@ -63,9 +63,9 @@ def main():
 
     callback = ResRepCallback(flops_target=args.flops_target, lasso_strength=args.lasso, mask_interval=5,
                               warmup_steps=max(1, args.steps // 20), begin_granularity=32, freeze_masks_after=0.3,
-                              drop_masked_rows_on_convert=True, round_to=args.round_to)
+                              drop_masked_rows=True, round_to=args.round_to)
     callback.prepare(model, example)  # compactors first: the optimizer below must see them
-    groups = build_resrep_param_groups(model, lr=args.lr, compactor_momentum=args.compactor_momentum)
+    groups = resrep_param_groups(model, lr=args.lr, compactor_momentum=args.compactor_momentum)
     optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
     training = TrainingArguments(output_dir=output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
                                  learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0, max_grad_norm=0,

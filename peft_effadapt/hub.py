@@ -205,7 +205,7 @@ def push_slimmed_model_to_hub(
 
     Checks the repo id, the token, the folder (the plan must match the weights) and the card before anything is
     created or uploaded."""
-    from .pruning.plan import load_slimmed
+    from .pruning.slimmed import load_slimmed
 
     token = _checked_repo_and_token(repo_id, token)
     directory = Path(directory)

@@ -268,3 +268,37 @@ def test_plan_that_does_not_match_the_weights_is_refused(tmp_path):
     save_file(weights, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match="missing classifier.1.bias"):
         load_slimmed(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------- shared Trainer core
+@pytest.mark.parametrize("env", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+@pytest.mark.parametrize("value", ["1", "true"])
+def test_both_callbacks_refuse_sharding_alike(monkeypatch, env, value):
+    from peft_effadapt.pruning import CentripetalSGDCallback, ResRepCallback
+
+    monkeypatch.setenv(env, value)
+    for cb in (CentripetalSGDCallback(), ResRepCallback()):
+        with pytest.raises(ValueError, match=f"{cb.method} edits whole output-channel rows.*{env}"):
+            cb.on_train_begin(None, None, None, model=nn.Linear(2, 2))
+
+
+def test_configs_are_validated_typed_and_round_trip():
+    from peft_effadapt.pruning import CentripetalSGDCallback, CSGDConfig, ResRepCallback, ResRepConfig
+
+    for bad, match in [(dict(groups="mlp"), "groups must be one of"), (dict(round_to=0), "round_to"),
+                       (dict(equivalence_tol=-1.0), "equivalence_tol"), (dict(slim_on_train_end="yes"), "True or False")]:
+        for cls in (CSGDConfig, ResRepConfig):
+            with pytest.raises(ValueError, match=match):
+                cls(**bad)
+    with pytest.raises(ValueError, match="mask_interval"):
+        ResRepConfig(mask_interval=0)
+    with pytest.raises(TypeError, match="either a ResRepConfig or keyword options"):
+        ResRepCallback(ResRepConfig(), flops_target=0.5)
+    with pytest.raises(TypeError, match="must be a CSGDConfig"):
+        CentripetalSGDCallback(ResRepConfig())
+    cb = ResRepCallback(ResRepConfig(flops_target=0.5, round_to=8, groups="all", save_dir="out"))
+    assert cb.flops_target == 0.5 and cb.round_to == 8 and cb.save_dir == "out"
+    state = json.loads(json.dumps(cb.state()))
+    assert ResRepCallback(**state["args"]).config == cb.config
+    assert set(state["attributes"]) == {"mask_updates", "last_update_step", "target_reached_step",
+                                        "masked_flops_ratio"}

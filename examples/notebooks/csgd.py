@@ -18,8 +18,14 @@ from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
 import peft_effadapt  # noqa: F401
-from peft_effadapt.pruning import count_flops, find_channel_groups, load_slimmed, save_slimmed
-from peft_effadapt.pruning.csgd import CentripetalSGDCallback, widths_for_flops
+from peft_effadapt.pruning import (
+    CentripetalSGDCallback,
+    count_flops,
+    find_channel_groups,
+    load_slimmed,
+    save_slimmed,
+    widths_for_flops,
+)
 from peft_effadapt.testing import classifier_accuracy, dataset_images, load_tiny_resnet, make_domain_dataset
 
 torch.set_num_threads(1)
@@ -61,7 +67,7 @@ args = TrainingArguments(output_dir=tempfile.mkdtemp(), max_steps=300, per_devic
                          use_cpu=True, disable_tqdm=True, seed=0)
 Trainer(model=model, args=args, train_dataset=train_set, callbacks=[callback]).train()
 print("cluster deviation:", [f"{s}:{d:.1e}" for s, d in callback.deviation_history])
-print(f"trim changed the logits by at most {callback.trim_report['max_abs_logit_diff']:.1e}")
+print(f"trim changed the logits by at most {callback.slim_report['max_abs_output_diff']:.1e}")
 
 # %%
 model.eval()

@@ -19,10 +19,10 @@ from transformers import Trainer, TrainingArguments
 import peft_effadapt  # noqa: F401  (the library; pruning lives in peft_effadapt.pruning)
 from peft_effadapt.pruning import (
     ResRepCallback,
-    build_resrep_param_groups,
     count_flops,
     find_channel_groups,
     load_slimmed,
+    resrep_param_groups,
 )
 from peft_effadapt.testing import dataset_images, load_tiny_resnet, make_domain_dataset
 
@@ -67,9 +67,9 @@ for group in find_channel_groups(model)[:4] + find_channel_groups(model)[-1:]:
 # %%
 example = {"pixel_values": test[:16]["pixel_values"]}
 callback = ResRepCallback(flops_target=0.8, lasso_strength=0.05, mask_interval=5, warmup_steps=10, begin_granularity=32,
-                          freeze_masks_after=0.3, drop_masked_rows_on_convert=True)
+                          freeze_masks_after=0.3, drop_masked_rows=True)
 callback.prepare(model, example)
-groups = build_resrep_param_groups(model, lr=0.02, compactor_momentum=0.9)
+groups = resrep_param_groups(model, lr=0.02, compactor_momentum=0.9)
 optimizer = torch.optim.SGD(groups, lr=0.02, momentum=0.9)
 output_dir = tempfile.mkdtemp()
 args = TrainingArguments(output_dir=output_dir, max_steps=300, per_device_train_batch_size=32, learning_rate=0.02,

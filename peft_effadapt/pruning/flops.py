@@ -29,6 +29,9 @@ def round_to(width: int, multiple: int | None, maximum: int | None = None) -> in
     return min(rounded, maximum) if maximum is not None else rounded
 
 
+_round_up = round_to  # for functions whose `round_to` argument shadows the helper
+
+
 def _call(model: nn.Module, example_inputs):
     if isinstance(example_inputs, Mapping):
         return model(**example_inputs)
@@ -138,3 +141,33 @@ class FlopsModel:
         terms = self._by_group.get(name, [])
         fewer = {**widths, name: widths.get(name, self.sizes[name]) - 1}
         return self._variable(widths, terms) - self._variable(fewer, terms)
+
+
+def widths_for_flops(model: nn.Module, example_inputs, flops_ratio: float, groups="all", *,
+                     round_to: int | None = None) -> dict[str, int]:
+    """Per-group widths `{group name: width}` from one uniform keep ratio over the groups chosen by `groups` (a
+    family "internal" / "streams" / "all", globs, or `ChannelGroup`s; see `select_groups`): the largest ratio whose
+    FLOPs (this module's convention) are at most `flops_ratio` of the model's. Groups left at full width are omitted.
+    Usable as C-SGD's `keep_ratio` or with `plan_from_widths`."""
+    from .groups import find_channel_groups, select_groups
+
+    if isinstance(flops_ratio, bool) or not isinstance(flops_ratio, (int, float)) or not 0 < flops_ratio <= 1:
+        raise ValueError(f"flops_ratio must be in (0, 1], got {flops_ratio!r}")
+    found = find_channel_groups(model)
+    chosen = select_groups(found, groups)
+    flops = FlopsModel.measure(model, example_inputs, found if isinstance(groups, str) or
+                               not isinstance(groups[0], ChannelGroup) else chosen)
+
+    def widths(r: float) -> dict[str, int]:
+        return {g.name: _round_up(max(1, math.ceil(r * g.size)), round_to, g.size) for g in chosen}
+
+    if flops.ratio(widths(0.0)) > flops_ratio:
+        raise ValueError(f"FLOPs target {flops_ratio} is unreachable with groups={groups!r}: one channel per group "
+                         f"(rounded to {round_to}) leaves {flops.ratio(widths(0.0)):.3f} of the FLOPs")
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if flops.ratio(widths(mid)) <= flops_ratio else (lo, mid)
+    sizes = {g.name: g.size for g in chosen}
+    return {k: v for k, v in widths(lo).items() if v < sizes[k]}
+

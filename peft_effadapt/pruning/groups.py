@@ -228,3 +228,41 @@ def _is_depthwise(module: nn.Module) -> bool:
 
 def _is_grouped(module: nn.Module) -> bool:
     return isinstance(module, _CONVS) and module.groups > 1 and not _is_depthwise(module)
+
+
+# --------------------------------------------------------------------------------------------------- selection
+GROUP_FAMILIES = ("internal", "streams", "all")
+
+
+def family_of(group: ChannelGroup) -> str:
+    """"internal" (layers inside a block or MLP: one producer, no residual add — ResRep's setting) or "streams"
+    (residual streams, whose producers are coupled through the adds, and the stem)."""
+    return "streams" if group.residual or group.meta.get("role") == "stem" else "internal"
+
+
+def select_groups(groups: list[ChannelGroup], spec) -> list[ChannelGroup]:
+    """The prunable groups chosen by `spec`: a family ("internal", "streams", "all"), a list of glob patterns on
+    group names / first producer paths, or a list of `ChannelGroup` (used as given). Raises `ValueError` when the
+    spec is malformed, names an output group, or matches nothing."""
+    if isinstance(spec, str):
+        if spec not in GROUP_FAMILIES:
+            raise ValueError(f"groups must be one of {GROUP_FAMILIES}, a list of glob patterns or a list of "
+                             f"ChannelGroup; got {spec!r}.")
+        chosen = [g for g in groups if g.prunable and (spec == "all" or family_of(g) == spec)]
+    elif isinstance(spec, (list, tuple)) and all(isinstance(p, ChannelGroup) for p in spec) and spec:
+        chosen = list(spec)
+    elif isinstance(spec, (list, tuple)) and all(isinstance(p, str) for p in spec) and spec:
+        import fnmatch
+
+        chosen = [g for g in groups if any(fnmatch.fnmatchcase(g.name, p) or
+                                           fnmatch.fnmatchcase(g.producers[0][0], p) for p in spec)]
+    else:
+        raise ValueError(f"groups must be one of {GROUP_FAMILIES}, a non-empty list of glob patterns or a list of "
+                         f"ChannelGroup; got {spec!r}.")
+    outputs = [g.name for g in chosen if not g.prunable]
+    if outputs:
+        raise ValueError(f"Groups {outputs} carry the model's output channels and cannot be pruned.")
+    if not chosen:
+        raise ValueError(f"Nothing to prune: no channel group matches groups={spec!r} (groups found: "
+                         f"{[g.name for g in groups]}).")
+    return chosen

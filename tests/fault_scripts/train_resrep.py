@@ -21,7 +21,7 @@ from progress import Progress
 from torch import nn
 from transformers import ResNetConfig, ResNetForImageClassification, Trainer, TrainingArguments
 
-from peft_effadapt.pruning import ResRepCallback, build_resrep_param_groups
+from peft_effadapt.pruning import ResRepCallback, resrep_param_groups
 
 torch.set_num_threads(1)
 out, mode = Path(sys.argv[1]), sys.argv[2]
@@ -44,9 +44,9 @@ with torch.no_grad():  # non-trivial BatchNorms, as in tests/test_resrep.py
             module.bias.normal_(0, 0.3)
 model.train()
 callback = ResRepCallback(flops_target=0.7, lasso_strength=0.05, mask_interval=2, warmup_steps=2, begin_granularity=6,
-                          drop_masked_rows_on_convert=True)
+                          drop_masked_rows=True)
 callback.prepare(model, {"pixel_values": data[:8]["pixel_values"]})
-optimizer = torch.optim.SGD(build_resrep_param_groups(model, lr=0.05, compactor_momentum=0.9), lr=0.05, momentum=0.9)
+optimizer = torch.optim.SGD(resrep_param_groups(model, lr=0.05, compactor_momentum=0.9), lr=0.05, momentum=0.9)
 args = TrainingArguments(output_dir=str(out), max_steps=16, per_device_train_batch_size=16, learning_rate=0.05,
                          lr_scheduler_type="cosine", max_grad_norm=0, save_strategy="steps", save_steps=6,
                          logging_steps=1000, report_to=[], use_cpu=True, seed=0, data_seed=0,

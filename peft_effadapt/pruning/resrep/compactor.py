@@ -4,6 +4,11 @@ A compactor is a child `resrep_compactor` of the module whose output it transfor
 producer itself when there is none, e.g. a ViT/CLIP `fc1`), applied by a forward hook, so the stock state-dict keys of
 the model are unchanged and only `...resrep_compactor.weight` / `.mask` are added. Compactor weights are D x D
 matrices for both convs (a 1x1 conv over the channel dim) and linears.
+
+Residual streams (beyond the paper, which prunes internal layers): one compactor is shared by every producer of the
+stream (the stage projection or stem and the last conv of each block). It is registered under the first producer's
+host and applied by a hook after every producer's BatchNorm, so the whole stream lives in the compactor's basis:
+a zero row zeroes that channel in every addend of the residual sum, and each producer folds the same Q exactly.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .groups import ChannelGroup
+from ..groups import ChannelGroup
 
 ATTRIBUTE = "resrep_compactor"
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -40,67 +45,90 @@ class ResRepCompactor(nn.Module):
         return f"size={self.weight.shape[0]}, masked={int((self.mask == 0).sum())}"
 
 
-def host_path(group: ChannelGroup) -> str:
-    """Module whose output the compactor transforms: the last BatchNorm of the group, else its producer."""
-    return group.norms[-1] if group.norms else group.producers[-1][0]
+def host_paths(group: ChannelGroup) -> list[str]:
+    """Modules whose outputs the compactor transforms, one per producer: its BatchNorm, else the producer."""
+    if group.norms:
+        return list(group.norms)
+    return [path for path, _ in group.producers]
 
 
 def _apply(module: nn.Module, args, output):
     return getattr(module, ATTRIBUTE)(output)
 
 
+def _apply_shared(module: nn.Module, args, output):
+    return module.__dict__[_SHARED](output)
+
+
+_SHARED = "_resrep_shared_compactor"  # plain (unregistered) reference: the parameter is owned by the first host
+
+
+def check_group(model: nn.Module, group: ChannelGroup) -> None:
+    """Raises `ValueError` unless ResRep can put one compactor on `group`: conv/linear producers, each followed by
+    its own BatchNorm (one per producer, tracking running statistics) or by none."""
+    kinds = [kind for _, kind in group.producers]
+    if "depthwise" in kinds or (group.norms and len(group.norms) != len(group.producers)):
+        raise ValueError(f"ResRep needs conv/linear producers, each optionally followed by its own BatchNorm; group "
+                         f"{group.name!r} has producers {group.producers} and norms {group.norms}.")
+    for path in host_paths(group):
+        host = model.get_submodule(path)
+        if isinstance(host, _NORMS) and not host.track_running_stats:
+            raise ValueError(f"{path!r} uses batch statistics in eval mode (track_running_stats=False); it cannot be "
+                             "folded into the conv.")
+
+
 def insert_compactor(model: nn.Module, group: ChannelGroup) -> ResRepCompactor:
-    if len(group.producers) != 1 or group.producers[0][1] == "depthwise" or len(group.norms) > 1:
-        raise ValueError(f"ResRep needs one conv/linear producer (optionally followed by one BatchNorm) per group; "
-                         f"group {group.name!r} has producers {group.producers} and norms {group.norms}.")
-    host = model.get_submodule(host_path(group))
-    if isinstance(host, _NORMS) and not host.track_running_stats:
-        raise ValueError(f"{host_path(group)!r} uses batch statistics in eval mode (track_running_stats=False); "
-                         "it cannot be folded into the conv.")
+    check_group(model, group)
+    hosts = [model.get_submodule(p) for p in host_paths(group)]
     producer = model.get_submodule(group.producers[0][0])
     channel_dim = -1 if isinstance(producer, nn.Linear) else 1
     compactor = ResRepCompactor(group.size, channel_dim, device=producer.weight.device, dtype=producer.weight.dtype)
-    host.add_module(ATTRIBUTE, compactor)
-    compactor._hook = host.register_forward_hook(_apply)
+    hosts[0].add_module(ATTRIBUTE, compactor)
+    hosts[0].register_forward_hook(_apply)
+    for host in hosts[1:]:
+        object.__setattr__(host, _SHARED, compactor)
+        host.register_forward_hook(_apply_shared)
     return compactor
 
 
 def find_compactor(model: nn.Module, group: ChannelGroup) -> ResRepCompactor | None:
-    return getattr(model.get_submodule(host_path(group)), ATTRIBUTE, None)
+    return getattr(model.get_submodule(host_paths(group)[0]), ATTRIBUTE, None)
 
 
 def remove_compactor(model: nn.Module, group: ChannelGroup) -> None:
-    host = model.get_submodule(host_path(group))
-    compactor = getattr(host, ATTRIBUTE, None)
-    if compactor is None:
-        return
-    hook = getattr(compactor, "_hook", None)
-    if hook is not None:
-        hook.remove()
-    else:  # reattached after a copy: drop every hook that applies a compactor
+    for i, path in enumerate(host_paths(group)):
+        host = model.get_submodule(path)
         for key, fn in list(host._forward_hooks.items()):
-            if fn is _apply:
+            if fn is _apply or fn is _apply_shared:
                 del host._forward_hooks[key]
-    delattr(host, ATTRIBUTE)
+        if i == 0 and hasattr(host, ATTRIBUTE):
+            delattr(host, ATTRIBUTE)
+        host.__dict__.pop(_SHARED, None)
 
 
 @torch.no_grad()
 def fold_compactor(model: nn.Module, group: ChannelGroup) -> None:
-    """Merges producer (+ BatchNorm, eval statistics, its own eps) and compactor into the producer, exactly:
+    """Merges every producer (+ its BatchNorm, eval statistics, its own eps) and the compactor into the producer,
+    exactly:
     K' = Q·K·s, b' = Q·((b - mu)·s + beta) with s = gamma/sqrt(var + eps). With a BatchNorm the bias goes into an
     "affine" BatchNorm (mu = 0, var = 1, gamma = sqrt(1 + eps), beta = b'; exact in eval), so stock HF classes stay.
     The compactor is removed afterwards."""
     compactor = find_compactor(model, group)
     if compactor is None:
         raise ValueError(f"Group {group.name!r} has no ResRep compactor to fold.")
-    producer = model.get_submodule(group.producers[0][0])
     q = compactor.weight.detach().double()
+    norms = list(group.norms) or [None] * len(group.producers)
+    for (path, _), norm_path in zip(group.producers, norms):
+        _fold_one(model.get_submodule(path), model.get_submodule(norm_path) if norm_path else None, q)
+    remove_compactor(model, group)
+
+
+def _fold_one(producer: nn.Module, norm: nn.Module | None, q: torch.Tensor) -> None:
     kernel = producer.weight.detach().double()
     shape = kernel.shape
     kernel = kernel.reshape(shape[0], -1)
     bias = producer.bias.detach().double() if producer.bias is not None else torch.zeros(shape[0], dtype=q.dtype,
                                                                                       device=q.device)
-    norm = model.get_submodule(group.norms[0]) if group.norms else None
     if norm is not None:
         gamma = norm.weight.detach().double() if norm.weight is not None else torch.ones_like(bias)
         beta = norm.bias.detach().double() if norm.bias is not None else torch.zeros_like(bias)
@@ -126,4 +154,3 @@ def fold_compactor(model: nn.Module, group: ChannelGroup) -> None:
         else:  # non-affine BatchNorm: x -> (x + b') / sqrt((1 - eps) + eps)
             norm.running_mean.copy_((-bias).to(dtype))
             norm.running_var.fill_(1.0 - norm.eps)
-    remove_compactor(model, group)

@@ -7,8 +7,8 @@ from collections.abc import Mapping
 
 import torch
 
-from .flops import FlopsModel
-from .flops import round_to as _round_to
+from ..flops import FlopsModel
+from ..flops import round_to as _round_to
 
 
 def choose_masks(norms: Mapping[str, torch.Tensor], flops: FlopsModel, flops_target: float, *,
@@ -21,8 +21,9 @@ def choose_masks(norms: Mapping[str, torch.Tensor], flops: FlopsModel, flops_tar
     are still above target, (number masked now + `granularity`) channels were taken. Deviation: the official code
     also counts the skipped entries toward that cap, which stalls for good once the smallest norms belong to layers
     at their minimum width (likely with `min_keep_ratio`); here only taken channels count. With `round_to`, FLOPs
-    use widths rounded up to the multiple and each group finally keeps its
-    rounded width (the largest-norm chosen channels are given back)."""
+    use widths rounded up to the multiple, each group finally keeps its rounded width (the largest-norm chosen
+    channels are given back) and the cap counts only the channels that stay masked after that rounding, so every
+    update above target masks at least `granularity` more channels (or all it can) and the target is reached."""
     min_channels = dict(min_channels or {})
     sizes = {name: int(n.numel()) for name, n in norms.items()}
     widths = dict(sizes)
@@ -37,21 +38,21 @@ def choose_masks(norms: Mapping[str, torch.Tensor], flops: FlopsModel, flops_tar
                    key=lambda item: item[0])
     current = current or {name: torch.ones_like(n) for name, n in norms.items()}
     current_widths = {name: effective(name, int((m != 0).sum())) for name, m in current.items()}
-    masked_now = sum(int((m == 0).sum()) for m in current.values())
+    masked_now = sum(sizes[name] - w for name, w in current_widths.items())
     cap = masked_now + granularity if flops.ratio(current_widths) > flops_target else None
     chosen: dict[str, list[int]] = {name: [] for name in norms}
-    taken = 0
+    masked = 0  # channels that stay masked after rounding: sum of size - effective width
     for _, name, ch in order:
-        if now <= goal or (cap is not None and taken >= cap):
+        if now <= goal or (cap is not None and masked >= cap):
             break
         if widths[name] <= max(1, min_channels.get(name, 1)):
             continue
         widths[name] -= 1
-        taken += 1
         chosen[name].append(ch)
         new_eff = effective(name, widths[name])
         if new_eff != eff[name]:
             before = flops.group_cost(eff, name)
+            masked += eff[name] - new_eff
             eff[name] = new_eff
             now -= before - flops.group_cost(eff, name)
     masks = {}
