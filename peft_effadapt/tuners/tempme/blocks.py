@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import torch
 
-from ...merging import bipartite_soft_matching, group_sequences, merge_wavg
-from ..tome.blocks import (
+from ...merging import (
     BlockLayout,
     MergeContext,
     MergeSettings,
     TokenState,
-    _fire_forward_hooks,
+    bipartite_soft_matching,
     block_attention,
+    fire_forward_hooks,
+    group_sequences,
+    merge_wavg,
     run_merging_block,
 )
 from .schedule import LayerPlan
@@ -31,7 +33,7 @@ def text_block_forward(block, layout: BlockLayout, hidden_states, attention_mask
     hidden = hidden_states + attn_output
     out = hidden + getattr(block, layout.mlp)(getattr(block, layout.ln_after)(hidden))
     if fire_block_hooks:
-        _fire_forward_hooks(block, (hidden_states, attention_mask), out)
+        fire_forward_hooks(block, (hidden_states, attention_mask), out)
     return out
 
 
