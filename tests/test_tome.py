@@ -10,7 +10,13 @@ import torch
 from peft import get_peft_model
 from test_merging import reference_merge
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher, ViTConfig, ViTForMaskedImageModeling, ViTModel
+from transformers import (
+    DeiTConfig,
+    DeiTForImageClassificationWithTeacher,
+    ViTConfig,
+    ViTForMaskedImageModeling,
+    ViTModel,
+)
 
 from peft_effadapt import ToMeConfig
 from peft_effadapt.testing import tiny_clip, tiny_clip_vision, tiny_pixel_values, tiny_text_inputs, tiny_vit
@@ -273,9 +279,28 @@ def test_flash_and_flex_attention_are_refused():
 
 
 def test_unsupported_model_family_lists_supported_classes():
-    model = ViTForMaskedImageModeling(tiny_vit(seed=0).config)
-    with pytest.raises(ValueError, match="ViTModel, ViTForImageClassification, .*CLIPModel"):
+    model = ViTForMaskedImageModeling(tiny_vit(seed=0).config)  # a ViT whose head reads the patch grid
+    with pytest.raises(ValueError, match="ViTModel, ViTForImageClassification, .*CLIPModel and their subclasses"):
         get_peft_model(model, ToMeConfig())
+
+
+class UserViT(ViTModel):
+    """A user's own subclass of ViTModel (e.g. with an extra method): still a ViT for every architecture check."""
+
+    def describe(self) -> str:
+        return "user vit"
+
+
+def test_subclass_of_vit_model_is_accepted_and_runs_like_its_base_class():
+    base = vit(with_head=False)
+    user = UserViT(base.config, add_pooling_layer=False)
+    user.load_state_dict(base.state_dict())
+    x = pixels()
+    expected, model = tome(base, merge_schedule=8), tome(user.eval(), merge_schedule=8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values=x).last_hidden_state,
+                                   expected(pixel_values=x).last_hidden_state, rtol=0, atol=0)
+    assert model.base_model.token_counts() == [65, 57, 49, 41, 33]
 
 
 def test_text_tower_and_partial_targets_are_refused():

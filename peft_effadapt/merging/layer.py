@@ -122,15 +122,22 @@ class TokenMergingLayer(BaseTunerLayer):
     def merged_block(self, adapter_name: str) -> nn.Module:
         """The base layer converted in place into a layer that keeps running `adapter_name`'s merging (weights
         already folded); same class family and state-dict keys."""
+        return self._swap_base_layer(
+            MergingBlockMixin, adapter_name, token_merge_modulation=self.frozen_modulation(adapter_name)
+        )
+
+    def _swap_base_layer(self, mixin: type, adapter_name: str, **modules) -> nn.Module:
+        """`swap_block_class` of the base layer with this layer's place in the model and `adapter_name`'s settings
+        (``_token_merge_*`` attributes) plus `modules` (parameter-free children the merged forward reads)."""
         return swap_block_class(
             self.base_layer,
-            MergingBlockMixin,
+            mixin,
             _token_merge_layout=self.layout,
             _token_merge_context=self.context,
             _token_merge_layer=self.layer_idx,
             _token_merge_name=self.layer_name,
             _token_merge_settings=self.merge_settings[adapter_name],
-            token_merge_modulation=self.frozen_modulation(adapter_name),
+            **modules,
         )
 
     # -- forward ------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...merging import MergingBlock, TokenMergingLayer, init_qkv_lora, qkv_delta_fn, qkv_delta_weights, swap_block_class
+from ...merging import MergingBlock, TokenMergingLayer, init_qkv_lora, qkv_delta_fn, qkv_delta_weights
 from .blocks import text_block_forward, vision_block_forward
 from .schedule import LayerPlan
 
@@ -90,15 +90,8 @@ class TempMeLayer(TokenMergingLayer):
         if settings.plan is None:
             return self.base_layer
         position = self.tempme_clip_pos.get(adapter_name, None)
-        return swap_block_class(
-            self.base_layer,
-            TempMeMergedMixin,
-            _token_merge_layout=self.layout,
-            _token_merge_context=self.context,
-            _token_merge_name=self.layer_name,
-            _token_merge_settings=settings,
-            token_merge_position=None if position is None else FrozenClipPosition(position),
-        )
+        frozen = None if position is None else FrozenClipPosition(position)
+        return self._swap_base_layer(TempMeMergedMixin, adapter_name, token_merge_position=frozen)
 
 
 class TempMeBlock(MergingBlock, TempMeLayer):
