@@ -8,11 +8,12 @@ import copy
 import warnings
 from collections.abc import Callable
 
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils.error import NoMatchingPeftModuleError
 from torch import nn
 
 from ..adapter_checks import ValidatedLoadMixin
+from ..targeting import targeted_modules
 from .config import TokenMergingConfig
 from .families import (
     LAYOUTS,
@@ -49,19 +50,11 @@ class MergingTuner(ValidatedLoadMixin, BaseTuner):
     ) -> list[tuple[str, nn.Module]]:
         """(name, module) of every module `config.target_modules` matches, each an encoder layer of `layer_classes`
         (or a subclass); raises TypeError for any other match and NoMatchingPeftModuleError for none."""
-        matched = []
-        for name, module in model.named_modules():
-            if not name or f".{self.prefix}" in name or ".base_layer" in name:
-                continue
-            if not check_target_module_exists(config, name):
-                continue
-            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-            if not isinstance(base, layer_classes):
-                raise TypeError(
-                    f"{self.method_name} targets whole encoder layers ({', '.join(c.__name__ for c in layer_classes)}"
-                    f"), but target_modules={config.target_modules!r} matched '{name}' ({type(base).__name__})."
-                )
-            matched.append((name, module))
+        names = ", ".join(cls.__name__ for cls in layer_classes)
+        found = targeted_modules(
+            model, config, self.prefix, layer_classes, self.method_name, f"targets whole encoder layers ({names})"
+        )
+        matched = [(name, module) for name, module, _ in found]
         if not matched:
             raise NoMatchingPeftModuleError(
                 f"No encoder layer of {type(model).__name__} matches target_modules={config.target_modules!r}.{hint}"
