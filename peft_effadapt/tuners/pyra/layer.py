@@ -18,7 +18,7 @@ def pyra_modulate(
     norm_bias: torch.Tensor,
     eps: float,
 ) -> torch.Tensor:
-    """PYRA's parallel yielding re-activation of the sources about to be merged (spec pyra.md §b.4).
+    """PYRA's parallel yielding re-activation of the sources about to be merged (Xiong et al., ECCV 2024).
 
     `src`, `dst`: B×r×D size-weighted source tokens (rows in descending match score) and their destinations.
     ``M = LN(S + T)``; channel weight ``c = 2σ(W_rᵀ M)`` (B×1×D); token weight ``t = 2σ(M W_Dᵀ) − 1`` (B×r×1);

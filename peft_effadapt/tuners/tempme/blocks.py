@@ -52,7 +52,7 @@ def vision_block_forward(
     clip_position: torch.Tensor | None = None,
     fire_block_hooks: bool = True,
 ) -> torch.Tensor:
-    """One TempMe vision block (spec tempme.md §b.4). ImgMe / intra blocks: attention, then ToMe on the keys with
+    """One TempMe vision block (official module_tome_patch.py ToMeBlock.forward). ImgMe / intra blocks: attention, then ToMe on the keys with
     every class token protected, then MLP. ClipMe blocks first regroup g sequences into one, add the clip position
     embedding (after taking the matching metric), merge r_c tokens across the clip on the detached block-input
     hidden states, and then run the same body with r_i."""

@@ -83,7 +83,7 @@ class VideoInputHook:
 class FramePoolingHook:
     """Forward hook of the vision backbone: after TempMe, every final sequence holds the class tokens of all its
     frames in front; `pooler_output` becomes `post_layernorm` of each of them (B·F rows, frame order), i.e. the
-    same per-frame layout as plain CLIP, so mean pooling over frames gives the video feature (spec §b.5)."""
+    same per-frame layout as plain CLIP, so mean pooling over frames gives the video feature (as in the official code)."""
 
     def __init__(self, runtime: VideoRuntime):
         self.runtime = runtime
