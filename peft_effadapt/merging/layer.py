@@ -29,8 +29,8 @@ class TokenMergingLayer(BaseTunerLayer):
     """
 
     adapter_layer_names: tuple[str, ...] = ()
-    other_param_names: tuple[str, ...] = ("tome_settings",)
-    settings_attr = "tome_settings"
+    other_param_names: tuple[str, ...] = ()
+    settings_attr: str  # "<prefix>settings": per-adapter settings dict, listed in other_param_names too
 
     def __init__(
         self, base_layer: nn.Module, layout: BlockLayout, layer: int, layer_name: str, context: MergeContext

@@ -126,8 +126,6 @@ class TokenMergingModel(MergingTuner):
     """Schedule-driven token merging (ToMe, PYRA): targets every encoder layer of the vision tower, resolves and
     validates the merging schedule before the first module is replaced."""
 
-    method_name = "ToMe"
-    prefix: str = "tome_"
     _shapes_depend_on_tokens = False  # PYRA: W_r has r_l rows, so the adapter only runs at its resolution
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, state_dict=None, **kwargs) -> None:
