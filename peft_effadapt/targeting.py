@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from torch import nn
 
 
@@ -30,3 +31,24 @@ def unwrap_to_tuner_layers(model: nn.Module, layer_cls: type) -> Iterator[tuple[
     for name, module in model.named_modules():
         if isinstance(module, layer_cls):
             yield name, module
+
+
+def targeted_modules(
+    model: nn.Module, config, prefix: str, accepted: type | tuple[type, ...], method: str, what: str
+) -> list[tuple[str, nn.Module, nn.Module]]:
+    """(name, module, base layer) of every module ``config.target_modules`` matches, skipping the adapter's own
+    sub-modules (``.<prefix>``) and wrapped base layers; TypeError naming the first match whose base layer is not
+    ``accepted`` (``f"{method} {what}, but target_modules=... matched ..."``)."""
+    matched = []
+    for name, module in model.named_modules():
+        if not name or f".{prefix}" in name or ".base_layer" in name or not check_target_module_exists(config, name):
+            continue
+        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+        if not isinstance(base, accepted):
+            raise TypeError(
+                f"{method} {what}, but target_modules={config.target_modules!r} matched '{name}' "
+                f"({type(base).__name__})."
+            )
+        matched.append((name, module, base))
+    return matched
+

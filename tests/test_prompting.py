@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import get_peft_model
-from transformers import CLIPTextModel
+from transformers import CLIPModel, CLIPTextModel
 
 from peft_effadapt import CoOpConfig, RLPConfig
 from peft_effadapt.prompting import (
@@ -16,7 +16,7 @@ from peft_effadapt.prompting import (
     template_prompt_ids,
     write_context,
 )
-from peft_effadapt.testing import tiny_clip, tiny_pixel_values
+from peft_effadapt.testing import tiny_clip, tiny_pixel_values, tiny_vit
 from peft_effadapt.testing.tokenizer import train_caption_tokenizer
 
 from fp32 import assert_fp32_close
@@ -93,6 +93,16 @@ def test_clip_text_model_is_supported():
     ids = torch.tensor([[1, 7, 7, 7, 7, 20, 5, 2]])
     ref = torch.tensor([[1, 10, 11, 12, 13, 20, 5, 2]])
     assert_fp32_close(model(input_ids=ids).pooler_output, text_model(input_ids=ref).pooler_output)
+
+
+def test_subclass_of_clip_model_is_accepted_and_a_vision_model_is_refused_by_family():
+    class UserCLIPModel(CLIPModel):
+        pass
+
+    config = CoOpConfig(ctx_init_token_ids=[10, 11], placeholder_token_id=7)
+    assert find_text_embeddings(UserCLIPModel(tiny_clip().config), config, "CoOp")[0] == "text_model.embeddings"
+    with pytest.raises(ValueError, match="CLIPModel, CLIPTextModel or CLIPTextModelWithProjection"):
+        find_text_embeddings(tiny_vit(), config, "CoOp")
 
 
 @pytest.mark.parametrize("config_cls", [CoOpConfig, RLPConfig])

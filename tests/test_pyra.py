@@ -6,6 +6,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch.utils.flop_counter import FlopCounterMode
+from transformers import ViTForImageClassification
 
 from peft_effadapt import PYRAConfig, ToMeConfig, pyra_param_groups
 from peft_effadapt.testing import tiny_pixel_values, tiny_vit
@@ -256,3 +257,18 @@ def test_bad_config_values_are_named(bad):
     key = next(iter(bad))
     with pytest.raises(ValueError, match=key):
         PYRAConfig(**bad)
+
+
+def test_subclass_of_vit_for_image_classification_is_accepted():
+    class UserViTForImageClassification(ViTForImageClassification):
+        pass
+
+    base = vit()
+    user = UserViTForImageClassification(base.config)
+    user.load_state_dict(base.state_dict())
+    x = pixels()
+    expected, model = pyra(base, init_weights=False), pyra(user.eval(), init_weights=False)
+    model.load_state_dict(expected.state_dict())
+    torch.testing.assert_close(logits(model, x), logits(expected, x), rtol=0, atol=0)
+    assert len(blocks(model)) == 4
+

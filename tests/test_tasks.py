@@ -7,11 +7,11 @@ import pytest
 import torch
 from datasets import ClassLabel, Dataset, Features, Sequence, Value
 from peft import get_peft_model
-from transformers import Trainer, TrainingArguments
+from transformers import CLIPModel, Trainer, TrainingArguments
 
 from peft_effadapt import CLIPZeroShotClassifier, CoOpConfig, RLPConfig
 from peft_effadapt.tasks import average_base_to_novel, evaluate_base_to_novel, harmonic_mean
-from peft_effadapt.testing import tiny_clip, tiny_pixel_values
+from peft_effadapt.testing import tiny_clip, tiny_pixel_values, tiny_vit
 
 CTX = [10, 11, 12, 13]
 CLASSES = [[20, 5], [21, 22, 5], [23, 5]]
@@ -34,6 +34,18 @@ def test_plain_clip_matches_clip_logits():
     pixels = tiny_pixel_values(4)
     clip = tiny_clip()
     torch.testing.assert_close(classifier(clip)(pixels).logits, manual_zero_shot(clip, pixels), rtol=1e-5, atol=1e-5)
+
+
+def test_subclass_of_clip_model_is_accepted_and_other_models_are_refused():
+    class UserCLIPModel(CLIPModel):
+        pass
+
+    pixels, clip = tiny_pixel_values(4), tiny_clip()
+    user = UserCLIPModel(clip.config).eval()
+    user.load_state_dict(clip.state_dict())
+    torch.testing.assert_close(classifier(user)(pixels).logits, classifier(clip)(pixels).logits, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="CLIPZeroShotClassifier needs a CLIPModel or a subclass"):
+        classifier(tiny_vit())
 
 
 @pytest.mark.parametrize("config_cls", [RLPConfig, CoOpConfig])

@@ -12,7 +12,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPVisionModel, Trainer, Traini
 
 from peft_effadapt import CLIPVideoRetrieval, TempMeConfig
 from peft_effadapt.merging import bipartite_soft_matching, group_sequences, merge_wavg
-from peft_effadapt.testing import tiny_clip, tiny_clip_vision, tiny_text_inputs
+from peft_effadapt.testing import tiny_clip, tiny_clip_vision, tiny_text_inputs, tiny_vit
 from peft_effadapt.tuners.tempme import TempMeLayer, plan_table, tempme_plan
 
 from fp32 import assert_fp32_close
@@ -295,3 +295,21 @@ def test_trains_under_trainer(tmp_path):
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("tempme_" in n for n in changed)
     assert any("tempme_clip_pos" in n for n in changed) and any("text_model" in n for n in changed)
+
+
+def test_subclass_of_clip_model_is_accepted_and_other_families_are_refused_by_name():
+    class UserCLIPModel(CLIPModel):
+        pass
+
+    base = spec_clip()
+    user = UserCLIPModel(base.config)
+    user.load_state_dict(base.state_dict())
+    expected = get_peft_model(base, TempMeConfig(**SPEC_CONFIG, init_weights=False)).eval()
+    model = get_peft_model(user.eval(), TempMeConfig(**SPEC_CONFIG, init_weights=False)).eval()
+    model.load_state_dict(expected.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model.get_image_features(pixel_values=videos()).pooler_output,
+                                   expected.get_image_features(pixel_values=videos()).pooler_output, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="TempMe supports only CLIPModel, CLIPVisionModel and their subclasses"):
+        get_peft_model(tiny_vit(), TempMeConfig(**SPEC_CONFIG))
+

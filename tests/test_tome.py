@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
 from peft import get_peft_model
 from test_merging import reference_merge
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher, ViTForMaskedImageModeling
+from transformers import (
+    DeiTConfig,
+    DeiTForImageClassificationWithTeacher,
+    ViTConfig,
+    ViTForMaskedImageModeling,
+    ViTModel,
+)
 
 from peft_effadapt import ToMeConfig
 from peft_effadapt.testing import tiny_clip, tiny_clip_vision, tiny_pixel_values, tiny_text_inputs, tiny_vit
@@ -219,15 +226,39 @@ def test_gradient_checkpointing_gives_same_gradients():
 
 
 # -- bad input ------------------------------------------------------------------------------------------------------
-def test_schedule_over_the_50_percent_rule_raises_naming_layer_and_counts():
+def test_schedule_over_the_50_percent_rule_raises_naming_layer_and_counts_when_strict():
     model = vit()
     before = str(model)
     with pytest.raises(ValueError, match=r"r=10 tokens in layer 3 \(vit.layers.3\), but only 17 tokens enter"):
-        get_peft_model(model, ToMeConfig(merge_schedule=[16, 16, 16, 10]))
+        get_peft_model(model, ToMeConfig(merge_schedule=[16, 16, 16, 10], clamp_schedule=False))
     assert str(model) == before  # untouched
-    clamped = tome(vit(), merge_schedule=[16, 16, 16, 10], clamp_schedule=True)
+
+
+def test_schedule_over_the_50_percent_rule_is_clamped_by_default_with_one_warning():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        clamped = tome(vit(), merge_schedule=[16, 16, 16, 10])
+    messages = [str(w.message) for w in caught if "merge schedule" in str(w.message)]
+    assert len(messages) == 1 and "Resolved schedule: [16, 16, 16, 8]" in messages[0]
+    config = clamped.peft_config["default"]
+    assert config.clamp_schedule is True and config.layer_schedule == [16, 16, 16, 8]
     clamped(pixel_values=pixels())
-    assert clamped.base_model.token_counts() == [65, 49, 33, 17, 9]
+    assert clamped.base_model.token_counts() == clamped.base_model.planned_token_counts() == [65, 49, 33, 17, 9]
+
+
+def test_readme_schedule_runs_on_vit_b16_at_224_as_planned():
+    """ToMeConfig(merge_schedule=16) on a ViT-B/16-shaped ViTModel (ViTConfig() defaults, random weights): layer 11
+    receives 21 tokens and can merge 10, so the schedule is clamped, and the forward runs the saved plan."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = get_peft_model(ViTModel(ViTConfig()), ToMeConfig(merge_schedule=16)).eval()
+    assert sum("Resolved schedule" in str(w.message) for w in caught) == 1
+    assert model.peft_config["default"].layer_schedule == [16] * 11 + [10]
+    with torch.no_grad():
+        model(pixel_values=tiny_pixel_values(batch=1, image_size=224))
+    assert model.base_model.token_counts() == model.base_model.planned_token_counts()
+    assert model.base_model.planned_token_counts()[-2:] == [21, 11]
 
 
 def test_padding_mask_is_refused_clearly():
@@ -250,9 +281,28 @@ def test_flash_and_flex_attention_are_refused():
 
 
 def test_unsupported_model_family_lists_supported_classes():
-    model = ViTForMaskedImageModeling(tiny_vit(seed=0).config)
-    with pytest.raises(ValueError, match="ViTModel, ViTForImageClassification, .*CLIPModel"):
+    model = ViTForMaskedImageModeling(tiny_vit(seed=0).config)  # a ViT whose head reads the patch grid
+    with pytest.raises(ValueError, match="ViTModel, ViTForImageClassification, .*CLIPModel and their subclasses"):
         get_peft_model(model, ToMeConfig())
+
+
+class UserViT(ViTModel):
+    """A user's own subclass of ViTModel (e.g. with an extra method): still a ViT for every architecture check."""
+
+    def describe(self) -> str:
+        return "user vit"
+
+
+def test_subclass_of_vit_model_is_accepted_and_runs_like_its_base_class():
+    base = vit(with_head=False)
+    user = UserViT(base.config, add_pooling_layer=False)
+    user.load_state_dict(base.state_dict())
+    x = pixels()
+    expected, model = tome(base, merge_schedule=8), tome(user.eval(), merge_schedule=8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values=x).last_hidden_state,
+                                   expected(pixel_values=x).last_hidden_state, rtol=0, atol=0)
+    assert model.base_model.token_counts() == [65, 57, 49, 41, 33]
 
 
 def test_text_tower_and_partial_targets_are_refused():

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from .matching import max_mergeable
 
-# PYRA's presets (THU-MIG/PYRA model/tome.py get_merging_schedule, as tabulated in our spec pyra.md §b.2), keyed by
+# PYRA's presets (THU-MIG/PYRA model/tome.py get_merging_schedule; Xiong et al., ECCV 2024), keyed by
 # (preset, depth, tokens entering layer 0).
 PYRA_PRESETS: dict[tuple[str, int, int], tuple[int, ...]] = {
     ("low", 12, 197): (16,) * 11 + (10,),

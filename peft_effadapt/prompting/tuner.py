@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from torch import nn
+from transformers.models.clip.modeling_clip import CLIPTextEmbeddings
 
 from ..adapter_checks import ValidatedLoadMixin
 from ..targeting import unwrap_to_tuner_layers
@@ -13,13 +14,10 @@ from .layer import ContextPromptLayer
 
 
 def _is_text_embeddings(module: nn.Module) -> bool:
+    """A CLIP text embeddings module (or a subclass of one): checked by class, never by class name."""
     if isinstance(module, BaseTunerLayer):
         module = module.get_base_layer()
-    return (
-        type(module).__name__.endswith("TextEmbeddings")
-        and isinstance(getattr(module, "token_embedding", None), nn.Embedding)
-        and isinstance(getattr(module, "position_embedding", None), nn.Embedding)
-    )
+    return isinstance(module, CLIPTextEmbeddings)
 
 
 def find_text_embeddings(model: nn.Module, config: ContextPromptConfig, method: str) -> tuple[str, nn.Module]:
@@ -31,8 +29,8 @@ def find_text_embeddings(model: nn.Module, config: ContextPromptConfig, method: 
     ]
     if not candidates:
         raise ValueError(
-            f"{method} needs a CLIP text tower (CLIPModel or CLIPTextModel with a CLIPTextEmbeddings module), but "
-            f"{type(model).__name__} has none."
+            f"{method} needs a CLIP text tower: a CLIPModel, CLIPTextModel or CLIPTextModelWithProjection (or a "
+            f"subclass), i.e. a model with a CLIPTextEmbeddings module; {type(model).__name__} has none."
         )
     if config.target_modules is None:
         matched = candidates

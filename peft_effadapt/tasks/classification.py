@@ -13,6 +13,7 @@ from transformers.utils import ModelOutput
 
 from ..prompting import ContextPromptLayer, active_prompt_config, placeholder_prompt_ids, template_prompt_ids
 from ..prompting.text import PromptBatch, pad_rows
+from .clip import clip_of
 
 
 @dataclass
@@ -25,14 +26,6 @@ def projected_features(output) -> torch.Tensor:
     """`get_text_features`/`get_image_features` return a ModelOutput in transformers 5.x: take `pooler_output`."""
     return output if torch.is_tensor(output) else output.pooler_output
 
-
-def _clip_of(model: nn.Module) -> nn.Module:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not hasattr(base, "get_text_features") or not hasattr(base, "get_image_features"):
-        raise TypeError(
-            f"CLIPZeroShotClassifier needs a CLIPModel (or a PeftModel around one), got {type(base).__name__}."
-        )
-    return base
 
 
 class CLIPZeroShotClassifier(nn.Module):
@@ -65,7 +58,7 @@ class CLIPZeroShotClassifier(nn.Module):
         special_token_ids: tuple[int, int, int] | None = None,
     ) -> None:
         super().__init__()
-        _clip_of(model)
+        clip_of(model, "CLIPZeroShotClassifier")
         self.model = model
         self.tokenizer = tokenizer
         self.template = template
@@ -109,7 +102,7 @@ class CLIPZeroShotClassifier(nn.Module):
 
     @property
     def max_length(self) -> int:
-        clip = _clip_of(self.model)
+        clip = clip_of(self.model, type(self).__name__)
         return clip.config.text_config.max_position_embeddings
 
     def _prompt_layer_active(self) -> bool:
@@ -148,7 +141,7 @@ class CLIPZeroShotClassifier(nn.Module):
 
     # -- features -------------------------------------------------------------------------------------------------
     def _state_key(self) -> tuple:
-        clip = _clip_of(self.model)
+        clip = clip_of(self.model, type(self).__name__)
         params = tuple((id(p), p._version) for p in clip.text_model.parameters())
         params += tuple((id(p), p._version) for p in clip.text_projection.parameters())
         layers = tuple(
@@ -158,7 +151,7 @@ class CLIPZeroShotClassifier(nn.Module):
         return params, layers, id(self.class_token_ids), tuple(self.class_names), self.template
 
     def _trainable_text_params(self) -> list[torch.Tensor]:
-        clip = _clip_of(self.model)
+        clip = clip_of(self.model, type(self).__name__)
         return [p for p in list(clip.text_model.parameters()) + list(clip.text_projection.parameters())
                 if p.requires_grad]
 
@@ -178,7 +171,7 @@ class CLIPZeroShotClassifier(nn.Module):
         if use_cache and self._cache_valid(key):
             return self._cache[1]
         batch = self.prompts()
-        clip = _clip_of(self.model)
+        clip = clip_of(self.model, type(self).__name__)
         device = clip.text_projection.weight.device
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.training):
             feats = projected_features(self.model.get_text_features(input_ids=batch.input_ids.to(device),
@@ -194,7 +187,7 @@ class CLIPZeroShotClassifier(nn.Module):
         return nn.functional.normalize(feats, dim=-1)
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs) -> CLIPClassifierOutput:
-        clip = _clip_of(self.model)
+        clip = clip_of(self.model, type(self).__name__)
         image = self.image_features(pixel_values)
         text = self.text_features().to(image.dtype)
         logits = clip.logit_scale.exp().to(image.dtype) * image @ text.T

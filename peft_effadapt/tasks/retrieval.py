@@ -17,6 +17,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from .classification import projected_features
+from .clip import clip_of
 
 
 @dataclass
@@ -27,12 +28,6 @@ class VideoRetrievalOutput(ModelOutput):
     text_embeds: torch.Tensor | None = None
     video_embeds: torch.Tensor | None = None
 
-
-def _clip_of(model: nn.Module) -> nn.Module:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not hasattr(base, "get_text_features") or not hasattr(base, "get_image_features"):
-        raise TypeError(f"CLIPVideoRetrieval needs a CLIPModel (or a PeftModel around one), got {type(base).__name__}.")
-    return base
 
 
 def stack_videos(videos, video_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,12 +109,12 @@ class CLIPVideoRetrieval(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        _clip_of(model)
+        clip_of(model, "CLIPVideoRetrieval")
         self.model = model
 
     @property
     def clip(self) -> nn.Module:
-        return _clip_of(self.model)
+        return clip_of(self.model, type(self).__name__)
 
     def video_features(self, pixel_values, video_mask: torch.Tensor | None = None) -> torch.Tensor:
         videos, mask = stack_videos(pixel_values, video_mask)

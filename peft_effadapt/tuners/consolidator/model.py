@@ -1,12 +1,12 @@
 from __future__ import annotations
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils.error import NoMatchingPeftModuleError
 from torch import nn
 
 from ...adapter_checks import ValidatedLoadMixin
-from ...targeting import candidate_names, model_type_of, unwrap_to_tuner_layers
+from ...targeting import candidate_names, model_type_of, targeted_modules, unwrap_to_tuner_layers
 from .config import ConsolidatorConfig
 from .layer import ConsolidatorLayer, ConsolidatorLinear
 from .pattern import BranchPattern
@@ -68,24 +68,14 @@ class ConsolidatorModel(ValidatedLoadMixin, BaseTuner):
         super().inject_adapter(model, adapter_name, *args, state_dict=state_dict, **kwargs)
 
     def _matched_targets(self, model: nn.Module, config: ConsolidatorConfig) -> list[tuple[str, nn.Linear]]:
-        matched = []
-        for name, module in model.named_modules():
-            if not name or ".consolidator_" in name or not check_target_module_exists(config, name):
-                continue
-            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-            if not isinstance(base, nn.Linear):
-                raise TypeError(
-                    f"Consolidator adapts nn.Linear layers only, but target_modules={config.target_modules!r} "
-                    f"matched '{name}' ({type(base).__name__})."
-                )
-            matched.append((name, base))
+        matched = targeted_modules(model, config, self.prefix, nn.Linear, "Consolidator", "adapts nn.Linear layers only")
         if not matched:
             raise NoMatchingPeftModuleError(
                 f"No nn.Linear of {type(model).__name__} matches target_modules={config.target_modules!r}"
                 f"{f' with layers_to_transform={config.layers_to_transform!r}' if config.layers_to_transform else ''}"
                 f". Candidate Linear layers: {candidate_names(model, nn.Linear)}."
             )
-        return matched
+        return [(name, base) for name, _, base in matched]
 
     def _branch_patterns(self, config: ConsolidatorConfig, name: str, linear: nn.Linear) -> list[BranchPattern]:
         d_in, d_out = linear.in_features, linear.out_features

@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 from peft.utils import PeftType
 
-from ..tome.config import TokenMergingConfig
+from ...merging import TokenMergingConfig
 
 
 @dataclass

@@ -5,10 +5,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.modeling_layers import GradientCheckpointingLayer
 
-from ..tome.blocks import BlockLayout, MergeContext, MergeSettings
-from ..tome.layer import TokenMergingLayer
+from ...merging import MergeSettings, MergingBlock, TokenMergingLayer, init_qkv_lora, qkv_delta_fn, qkv_delta_weights
 
 
 def pyra_modulate(
@@ -20,7 +18,7 @@ def pyra_modulate(
     norm_bias: torch.Tensor,
     eps: float,
 ) -> torch.Tensor:
-    """PYRA's parallel yielding re-activation of the sources about to be merged (spec pyra.md §b.4).
+    """PYRA's parallel yielding re-activation of the sources about to be merged (Xiong et al., ECCV 2024).
 
     `src`, `dst`: B×r×D size-weighted source tokens (rows in descending match score) and their destinations.
     ``M = LN(S + T)``; channel weight ``c = 2σ(W_rᵀ M)`` (B×1×D); token weight ``t = 2σ(M W_Dᵀ) − 1`` (B×r×1);
@@ -68,10 +66,6 @@ class PYRALayer(TokenMergingLayer):
         self.pyra_lora_shared: dict[str, bool] = {}
         self.pyra_norm_eps: dict[str, float] = {}
 
-    def _projections(self) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
-        attn = getattr(self.base_layer, self.layout.attention)
-        return tuple(getattr(attn, n) for n in (self.layout.q_proj, self.layout.k_proj, self.layout.v_proj))
-
     def update_layer(
         self,
         adapter_name: str,
@@ -86,13 +80,8 @@ class PYRALayer(TokenMergingLayer):
     ) -> None:
         q_proj, _, _ = self._projections()
         d_in, d_out = q_proj.in_features, q_proj.out_features
-        a = torch.empty(lora_r if lora_shared_qkv_a else 3 * lora_r, d_in)
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # = nn.Linear(D, r) init: U(-1/sqrt(D), 1/sqrt(D))
-        b = torch.zeros(3 * d_out, lora_r)
-        if not init_weights:
-            nn.init.normal_(b, std=0.2)
-        self.pyra_lora_A[adapter_name] = nn.Parameter(a)
-        self.pyra_lora_B[adapter_name] = nn.Parameter(b)
+        a, b = init_qkv_lora(d_in, d_out, lora_r, lora_shared_qkv_a, init_weights)
+        self.pyra_lora_A[adapter_name], self.pyra_lora_B[adapter_name] = a, b
         self.pyra_lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.pyra_lora_scale[adapter_name] = float(lora_scale)
         self.pyra_lora_shared[adapter_name] = bool(lora_shared_qkv_a)
@@ -111,39 +100,16 @@ class PYRALayer(TokenMergingLayer):
     # -- LoRA ---------------------------------------------------------------------------------------------------
     def lora_delta_weights(self, adapter_name: str) -> list[torch.Tensor]:
         """ΔW_q, ΔW_k, ΔW_v (each D_out×D_in) = scale · B_i A_i."""
-        a, b = self.pyra_lora_A[adapter_name], self.pyra_lora_B[adapter_name]
-        scale = self.pyra_lora_scale[adapter_name]
-        b_parts = b.chunk(3, dim=0)
-        a_parts = (a, a, a) if self.pyra_lora_shared[adapter_name] else a.chunk(3, dim=0)
-        return [scale * (bi @ ai) for ai, bi in zip(a_parts, b_parts)]
+        return qkv_delta_weights(self.pyra_lora_A[adapter_name], self.pyra_lora_B[adapter_name],
+                                 self.pyra_lora_scale[adapter_name], self.pyra_lora_shared[adapter_name])
 
     def qkv_delta_fn(self, adapter_name: str):
-        a, b = self.pyra_lora_A[adapter_name], self.pyra_lora_B[adapter_name]
-        dropout = self.pyra_lora_dropout[adapter_name]
-        scale = self.pyra_lora_scale[adapter_name]
-        shared = self.pyra_lora_shared[adapter_name]
-
-        def delta(x: torch.Tensor):
-            z = F.linear(dropout(x.to(a.dtype)), a)
-            if shared:
-                out = F.linear(z, b) * scale
-                return tuple(part.to(x.dtype) for part in out.chunk(3, dim=-1))
-            return tuple(
-                (F.linear(zi, bi) * scale).to(x.dtype) for zi, bi in zip(z.chunk(3, dim=-1), b.chunk(3, dim=0))
-            )
-
-        return delta
+        return qkv_delta_fn(self.pyra_lora_A[adapter_name], self.pyra_lora_B[adapter_name],
+                            self.pyra_lora_scale[adapter_name], self.pyra_lora_shared[adapter_name],
+                            self.pyra_lora_dropout[adapter_name])
 
     def _fold(self, adapter_name: str, sign: int, safe_merge: bool = False) -> None:
-        with torch.no_grad():
-            deltas = self.lora_delta_weights(adapter_name)
-            if safe_merge and not all(torch.isfinite(d).all() for d in deltas):
-                raise ValueError(
-                    f"NaNs or infs in the LoRA of PYRA adapter '{adapter_name}' ({self.layer_name}); not merged."
-                )
-            for proj, delta in zip(self._projections(), deltas):
-                weight = proj.weight
-                weight.data = (weight.data.float() + sign * delta.float().to(weight.device)).to(weight.dtype)
+        self._fold_into_projections(adapter_name, self.lora_delta_weights(adapter_name), sign, safe_merge, "PYRA")
 
     # -- modulation ---------------------------------------------------------------------------------------------
     def modulation_fn(self, adapter_name: str):
@@ -161,27 +127,5 @@ class PYRALayer(TokenMergingLayer):
         )
 
 
-class PYRABlock(GradientCheckpointingLayer, PYRALayer):
+class PYRABlock(MergingBlock, PYRALayer):
     """A ViT / DeiT / CLIP encoder layer with LoRA on q/k/v, token merging and PYRA's re-activation."""
-
-    def __init__(
-        self,
-        base_layer: nn.Module,
-        adapter_name: str,
-        layout: BlockLayout,
-        layer: int,
-        layer_name: str,
-        context: MergeContext,
-        settings: MergeSettings,
-        **kwargs,
-    ) -> None:
-        GradientCheckpointingLayer.__init__(self)
-        PYRALayer.__init__(self, base_layer, layout, layer, layer_name, context)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, settings, **kwargs)
-
-    def forward(self, hidden_states, attention_mask=None, **kwargs):
-        return self.merging_forward(hidden_states, attention_mask, **kwargs)
-
-    def __repr__(self) -> str:
-        return "pyra." + super().__repr__()

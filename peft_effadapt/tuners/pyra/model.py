@@ -2,8 +2,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..tome.blocks import SUPPORTED_MODELS, layout_of
-from ..tome.model import TokenMergingModel
+from ...merging import SUPPORTED_MODELS, TokenMergingModel
 from .config import PYRAConfig
 from .layer import PYRABlock, PYRALayer
 
@@ -12,7 +11,7 @@ class PYRAModel(TokenMergingModel):
     """PYRA (Xiong et al., ECCV 2024): LoRA on q/k/v + ToMe token merging + parallel yielding re-activation.
 
     Use it through peft: ``get_peft_model(vit, PYRAConfig(merge_schedule="low", modules_to_save=["classifier"]))``.
-    Supported: {models}. Saved per layer: ``pyra_lora_A`` (r×D, or 3r×D unshared), ``pyra_lora_B`` (3D×r) and, where
+    Supported: {models} (and subclasses). Saved per layer: ``pyra_lora_A`` (r×D, or 3r×D unshared), ``pyra_lora_B`` (3D×r) and, where
     r_l > 0, ``pyra_w_r`` (r_l×1), ``pyra_w_d`` (1×D), ``pyra_norm``; the resolved schedule goes to the config.
     ``merge_and_unload`` folds LoRA into q/k/v and returns the base class **still merging** with the PYRA modulation
     (a patched model; `unload` gives the plain one).
@@ -21,9 +20,10 @@ class PYRAModel(TokenMergingModel):
     method_name = "PYRA"
     prefix: str = "pyra_"
     tuner_layer_cls = PYRALayer
+    block_cls = PYRABlock
     _shapes_depend_on_tokens = True
 
-    def _layer_kwargs(self, config: PYRAConfig, layer: int, base: nn.Module) -> dict:
+    def _layer_kwargs(self, config: PYRAConfig) -> dict:
         return dict(
             lora_r=config.lora_r,
             lora_dropout=config.lora_dropout,
@@ -31,12 +31,6 @@ class PYRAModel(TokenMergingModel):
             lora_shared_qkv_a=config.lora_shared_qkv_a,
             eps=config.pyra_layernorm_eps,
             init_weights=config.init_weights,
-        )
-
-    def _new_block(self, target, adapter_name, name, layer, settings, config) -> nn.Module:
-        return PYRABlock(
-            target, adapter_name, layout_of(target), layer, name, self._merge_context, settings,
-            **self._layer_kwargs(config, layer, target),
         )
 
 

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import torch
 
-from ...merging import bipartite_soft_matching, group_sequences, merge_wavg
-from ..tome.blocks import (
+from ...merging import (
     BlockLayout,
     MergeContext,
     MergeSettings,
     TokenState,
-    _fire_forward_hooks,
+    bipartite_soft_matching,
     block_attention,
+    fire_forward_hooks,
+    group_sequences,
+    merge_wavg,
     run_merging_block,
 )
 from .schedule import LayerPlan
@@ -31,7 +33,7 @@ def text_block_forward(block, layout: BlockLayout, hidden_states, attention_mask
     hidden = hidden_states + attn_output
     out = hidden + getattr(block, layout.mlp)(getattr(block, layout.ln_after)(hidden))
     if fire_block_hooks:
-        _fire_forward_hooks(block, (hidden_states, attention_mask), out)
+        fire_forward_hooks(block, (hidden_states, attention_mask), out)
     return out
 
 
@@ -50,7 +52,7 @@ def vision_block_forward(
     clip_position: torch.Tensor | None = None,
     fire_block_hooks: bool = True,
 ) -> torch.Tensor:
-    """One TempMe vision block (spec tempme.md §b.4). ImgMe / intra blocks: attention, then ToMe on the keys with
+    """One TempMe vision block (official module_tome_patch.py ToMeBlock.forward). ImgMe / intra blocks: attention, then ToMe on the keys with
     every class token protected, then MLP. ClipMe blocks first regroup g sequences into one, add the clip position
     embedding (after taking the matching metric), merge r_c tokens across the clip on the detached block-input
     hidden states, and then run the same body with r_i."""

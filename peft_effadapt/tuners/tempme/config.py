@@ -2,10 +2,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from peft.config import PeftConfig
 from peft.utils import PeftType
 
-from ...adapter_files import VerifiedAdapterFilesMixin
+from ...merging import MergingConfigBase
+from ...merging.config import is_int
 
 # Official MSRVTT setting for CLIP ViT-B/32 (LunarShen/TempMe main.py / scripts/MSRVTT.sh): 600 -> 97 tokens per video.
 VIT_B32 = dict(
@@ -22,12 +22,8 @@ TESTBED = dict(VIT_B32, imgme_r=8, clip_merge_layers=[1, 2], clip_group_sizes=[3
 PRESETS = {"vit-b/32": VIT_B32, "vit-b/16": VIT_B16_INFERRED, "testbed": TESTBED}
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 @dataclass
-class TempMeConfig(VerifiedAdapterFilesMixin, PeftConfig):
+class TempMeConfig(MergingConfigBase):
     """Configuration of a [`TempMeModel`] (Shen et al., "TempMe: Video Temporal Token Merging for Efficient
     Text-Video Retrieval", ICLR 2025).
 
@@ -49,7 +45,6 @@ class TempMeConfig(VerifiedAdapterFilesMixin, PeftConfig):
             r"('(vision_model|text_model)\.encoder\.layers\.\d+' for CLIPModel). Every vision layer must be a target."
         },
     )
-    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules to leave alone."})
     num_frames: int = field(default=12, metadata={"help": "Frames per video (contiguous in the image batch)."})
     imgme_r: int = field(default=2, metadata={"help": "Tokens merged per frame in each ImgMe block (B/16: 10)."})
     clip_merge_layers: list[int] = field(
@@ -68,7 +63,6 @@ class TempMeConfig(VerifiedAdapterFilesMixin, PeftConfig):
     clip_position_embedding: bool = field(
         default=True, metadata={"help": "Zero-initialised per-frame/clip position vectors added in ClipMe layers."}
     )
-    prop_attn: bool = field(default=True, metadata={"help": "Proportional attention (log token size bias)."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank on q/k/v; 0 = no LoRA (e.g. with full_finetune)."})
     lora_scale: float = field(default=1.0, metadata={"help": "Multiplier of B·A (official: 1, no alpha/r scaling)."})
     lora_shared_qkv_a: bool = field(
@@ -84,13 +78,8 @@ class TempMeConfig(VerifiedAdapterFilesMixin, PeftConfig):
             "save the fine-tuned backbone from `model.unload()` as well."
         },
     )
-    modules_to_save: list[str] | None = field(default=None, metadata={"help": "Modules trained and saved in full."})
-    num_tokens: int | None = field(
-        default=None, metadata={"help": "Set when the adapter is created: tokens per frame entering layer 0."}
-    )
-    init_weights: bool = field(
-        default=True, metadata={"help": "False: start LoRA B and position embeddings at random values (tests only)."}
-    )
+
+    _min_num_tokens = 2
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> TempMeConfig:
@@ -103,17 +92,13 @@ class TempMeConfig(VerifiedAdapterFilesMixin, PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PeftType.TEMPME
-        for name in ("target_modules", "exclude_modules"):
-            value = getattr(self, name)
-            if isinstance(value, (list, tuple)):
-                setattr(self, name, set(value))
         for name in ("clip_merge_layers", "clip_group_sizes"):
             value = getattr(self, name)
-            if not isinstance(value, (list, tuple)) or not all(_is_int(v) and v >= 0 for v in value):
+            if not isinstance(value, (list, tuple)) or not all(is_int(v) and v >= 0 for v in value):
                 raise ValueError(f"{name} must be a list of ints >= 0, got {value!r}.")
             setattr(self, name, list(value))
         for name, low in (("num_frames", 1), ("imgme_r", 0), ("lora_r", 0)):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < low:
+            if not is_int(getattr(self, name)) or getattr(self, name) < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {getattr(self, name)!r}.")
         for name in ("cross_clip_merge_ratio", "intra_clip_merge_ratio", "lora_dropout"):
             value = getattr(self, name)
@@ -121,12 +106,9 @@ class TempMeConfig(VerifiedAdapterFilesMixin, PeftConfig):
                 raise ValueError(f"{name} must be a number in [0, 1), got {value!r}.")
         if not isinstance(self.lora_scale, (int, float)) or isinstance(self.lora_scale, bool):
             raise ValueError(f"lora_scale must be a number, got {self.lora_scale!r}.")
-        for name in ("clip_position_embedding", "prop_attn", "lora_shared_qkv_a", "lora_on_text", "full_finetune",
-                     "init_weights"):
+        for name in ("clip_position_embedding", "lora_shared_qkv_a", "lora_on_text", "full_finetune"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}.")
-        if self.num_tokens is not None and (not _is_int(self.num_tokens) or self.num_tokens < 2):
-            raise ValueError(f"num_tokens must be an int >= 2, got {self.num_tokens!r}.")
         if len(self.clip_merge_layers) != len(self.clip_group_sizes):
             raise ValueError(
                 f"clip_merge_layers {self.clip_merge_layers} and clip_group_sizes {self.clip_group_sizes} must have the "

@@ -4,12 +4,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.modeling_layers import GradientCheckpointingLayer
 
-from ..tome.blocks import BlockLayout, MergeContext
-from ..tome.layer import TokenMergingLayer
+from ...merging import MergingBlock, TokenMergingLayer, init_qkv_lora, qkv_delta_fn, qkv_delta_weights
 from .blocks import text_block_forward, vision_block_forward
-from .lora import init_qkv_lora, qkv_delta_fn, qkv_delta_weights
 from .schedule import LayerPlan
 
 
@@ -41,10 +38,6 @@ class TempMeLayer(TokenMergingLayer):
         self.tempme_lora_dropout = nn.ModuleDict({})
         self.tempme_frames: dict[str, int] = {}  # frames per video of each adapter (set by the tuner)
 
-    def _projections(self) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
-        attn = getattr(self.base_layer, self.layout.attention)
-        return tuple(getattr(attn, n) for n in (self.layout.q_proj, self.layout.k_proj, self.layout.v_proj))
-
     def update_layer(self, adapter_name: str, settings: TempMeSettings, inference_mode: bool = False,
                      lora_dropout: float = 0.0, init_weights: bool = True) -> None:
         q_proj = self._projections()[0]
@@ -75,15 +68,8 @@ class TempMeLayer(TokenMergingLayer):
                             settings.lora_shared_qkv_a, self.tempme_lora_dropout[adapter_name])
 
     def _fold(self, adapter_name: str, sign: int, safe_merge: bool = False) -> None:
-        if adapter_name not in self.tempme_lora_A:
-            return
-        with torch.no_grad():
-            deltas = self.lora_delta_weights(adapter_name)
-            if safe_merge and not all(torch.isfinite(d).all() for d in deltas):
-                raise ValueError(f"NaNs or infs in the LoRA of TempMe adapter '{adapter_name}' ({self.layer_name}).")
-            for proj, delta in zip(self._projections(), deltas):
-                weight = proj.weight
-                weight.data = (weight.data.float() + sign * delta.float().to(weight.device)).to(weight.dtype)
+        if adapter_name in self.tempme_lora_A:
+            self._fold_into_projections(adapter_name, self.lora_delta_weights(adapter_name), sign, safe_merge, "TempMe")
 
     # -- forward ------------------------------------------------------------------------------------------------
     def run(self, adapter_name: str, hidden_states, attention_mask, kwargs, qkv_delta) -> torch.Tensor:
@@ -97,48 +83,19 @@ class TempMeLayer(TokenMergingLayer):
             clip_position=self.tempme_clip_pos.get(adapter_name, None),
         )
 
-    def merging_forward(self, hidden_states, attention_mask=None, **kwargs) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(hidden_states, attention_mask, **kwargs)
-        name = self._active_merging_adapter()
-        if name is None:
-            return self.base_layer(hidden_states, attention_mask, **kwargs)
-        qkv_delta = None if self.merged else self.qkv_delta_fn(name)
-        return self.run(name, hidden_states, attention_mask, kwargs, qkv_delta)
-
-    def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool = False,
-                                           adapter_names: list[str] | None = None) -> nn.Module:
-        """merge=False: the plain base layer. merge=True: LoRA folded into q/k/v; a vision layer becomes a base-class
-        layer that keeps running the adapter's TempMe block (position embedding as a non-persistent buffer)."""
-        if not merge:
+    def merged_block(self, adapter_name: str) -> nn.Module:
+        """A vision layer becomes a base-class layer that keeps running the adapter's TempMe block (position embedding
+        as a non-persistent buffer); a text layer is the plain layer (its LoRA is folded)."""
+        settings = self.merge_settings[adapter_name]
+        if settings.plan is None:
             return self.base_layer
-        self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
-        names = [n for n in (adapter_names or self.active_adapters) if n in self.merge_settings]
-        if not names or self.merge_settings[names[0]].plan is None:
-            return self.base_layer
-        name = names[0]
-        settings = self.merge_settings[name]
-        position = self.tempme_clip_pos.get(name, None)
-        return make_merged_block(self.base_layer, self.layout, self.context, self.layer_name, settings, position)
+        position = self.tempme_clip_pos.get(adapter_name, None)
+        frozen = None if position is None else FrozenClipPosition(position)
+        return self._swap_base_layer(TempMeMergedMixin, adapter_name, token_merge_position=frozen)
 
 
-class TempMeBlock(GradientCheckpointingLayer, TempMeLayer):
+class TempMeBlock(MergingBlock, TempMeLayer):
     """A CLIP encoder layer running TempMe (vision) or LoRA only (text)."""
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, layout: BlockLayout, layer: int, layer_name: str,
-                 context: MergeContext, settings: TempMeSettings, **kwargs) -> None:
-        GradientCheckpointingLayer.__init__(self)
-        TempMeLayer.__init__(self, base_layer, layout, layer, layer_name, context)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, settings, **kwargs)
-
-    def forward(self, hidden_states, attention_mask=None, **kwargs):
-        return self.merging_forward(hidden_states, attention_mask, **kwargs)
-
-    def __repr__(self) -> str:
-        return "tempme." + super().__repr__()
 
 
 # -- merged (unloaded) vision blocks ----------------------------------------------------------------------------------
@@ -151,28 +108,15 @@ class FrozenClipPosition(nn.Module):
 
 
 class TempMeMergedMixin:
+    """Forward of a merged TempMe vision layer (see `swap_block_class`)."""
+
+    class_prefix = "TempMe"
+
     def forward(self, hidden_states, attention_mask=None, **kwargs):
-        frozen = getattr(self, "tempme_frozen_position", None)
+        frozen = getattr(self, "token_merge_position", None)
+        settings = self._token_merge_settings
         return vision_block_forward(
-            self, self._tempme_layout, hidden_states, attention_mask, kwargs, context=self._tempme_context,
-            plan=self._tempme_settings.plan, layer_name=self._tempme_name, prop_attn=self._tempme_settings.prop_attn,
+            self, self._token_merge_layout, hidden_states, attention_mask, kwargs, context=self._token_merge_context,
+            plan=settings.plan, layer_name=self._token_merge_name, prop_attn=settings.prop_attn,
             clip_position=None if frozen is None else frozen.value, fire_block_hooks=False,
         )
-
-
-_MERGED: dict[type, type] = {}
-
-
-def make_merged_block(block: nn.Module, layout, context, layer_name: str, settings: TempMeSettings,
-                      position: torch.Tensor | None) -> nn.Module:
-    base_cls = type(block)
-    if base_cls not in _MERGED:
-        cls = type(f"TempMe{base_cls.__name__}", (TempMeMergedMixin, base_cls), {"__module__": __name__})
-        _MERGED[base_cls] = cls
-        globals()[cls.__name__] = cls
-    block.__class__ = _MERGED[base_cls]
-    block._tempme_layout, block._tempme_context = layout, context
-    block._tempme_name, block._tempme_settings = layer_name, settings
-    if position is not None:
-        block.tempme_frozen_position = FrozenClipPosition(position)
-    return block

@@ -1,27 +1,5 @@
-from .blocks import (
-    SUPPORTED_MODELS,
-    MergeContext,
-    MergeSettings,
-    TokenState,
-    make_merging_block,
-    run_merging_block,
-)
-from .config import TokenMergingConfig, ToMeConfig
-from .layer import TokenMergingLayer, ToMeBlock, ToMeLayer
-from .model import TokenMergingModel, ToMeModel
+from .config import ToMeConfig
+from .layer import ToMeBlock, ToMeLayer
+from .model import ToMeModel
 
-__all__ = [
-    "SUPPORTED_MODELS",
-    "MergeContext",
-    "MergeSettings",
-    "ToMeBlock",
-    "ToMeConfig",
-    "ToMeLayer",
-    "ToMeModel",
-    "TokenMergingConfig",
-    "TokenMergingLayer",
-    "TokenMergingModel",
-    "TokenState",
-    "make_merging_block",
-    "run_merging_block",
-]
+__all__ = ["ToMeBlock", "ToMeConfig", "ToMeLayer", "ToMeModel"]

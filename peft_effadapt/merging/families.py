@@ -1,0 +1,141 @@
+"""The HF model families token merging runs on: the sub-module names of their pre-norm encoder layers, where the
+encoder layers and the backbone sit, and how many leading tokens are protected.
+
+Families are found by class (`isinstance` through the MRO), never by class name, so a user's subclass of
+`ViTModel` or `CLIPModel` is accepted; a refused model gets the list of supported classes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+from transformers.models.clip.modeling_clip import (
+    CLIPEncoderLayer,
+    CLIPModel,
+    CLIPVisionModel,
+    CLIPVisionModelWithProjection,
+)
+from transformers.models.deit.modeling_deit import (
+    DeiTForImageClassification,
+    DeiTForImageClassificationWithTeacher,
+    DeiTLayer,
+    DeiTModel,
+)
+from transformers.models.vit.modeling_vit import ViTForImageClassification, ViTLayer, ViTModel
+
+SUPPORTED_ATTENTION = ("eager", "sdpa")
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Sub-module names of one pre-norm encoder-layer family."""
+
+    ln_before: str
+    ln_after: str
+    attention: str
+    q_proj: str
+    k_proj: str
+    v_proj: str
+    o_proj: str
+    mlp: str
+    dropout: str | None
+    scaling: str
+    attention_dropout: str
+
+
+VIT_LAYOUT = BlockLayout(
+    "layernorm_before", "layernorm_after", "attention", "q_proj", "k_proj", "v_proj", "o_proj", "mlp", "dropout",
+    "scaling", "attention_dropout",
+)
+CLIP_LAYOUT = BlockLayout(
+    "layer_norm1", "layer_norm2", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj", "mlp", None, "scale",
+    "dropout",
+)
+LAYOUTS: dict[type, BlockLayout] = {ViTLayer: VIT_LAYOUT, DeiTLayer: VIT_LAYOUT, CLIPEncoderLayer: CLIP_LAYOUT}
+
+
+def _lookup(cls: type, table: dict):
+    """The entry of the most specific class of `cls`'s MRO that is in `table` (subclasses inherit it), or None."""
+    return next((table[c] for c in cls.__mro__ if c in table), None)
+
+
+def layout_of(block: nn.Module) -> BlockLayout | None:
+    return _lookup(type(block), LAYOUTS)
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    backbone: str  # module path of the model whose forward runs the embeddings and the encoder layers
+    layers_regex: str  # default target_modules: every encoder layer of the (vision) tower
+    protected: int  # leading tokens that are never merged (CLS, DeiT distillation token)
+    vision_config: str | None  # attribute of model.config holding the vision config (None: model.config itself)
+    text_layers_regex: str | None = None  # the text tower's encoder layers (CLIPModel)
+
+
+MODEL_FAMILIES: dict[type, ModelFamily] = {
+    ViTModel: ModelFamily("", r"layers\.\d+", 1, None),
+    ViTForImageClassification: ModelFamily("vit", r"vit\.layers\.\d+", 1, None),
+    DeiTModel: ModelFamily("", r"layers\.\d+", 2, None),
+    DeiTForImageClassification: ModelFamily("deit", r"deit\.layers\.\d+", 2, None),
+    DeiTForImageClassificationWithTeacher: ModelFamily("deit", r"deit\.layers\.\d+", 2, None),
+    CLIPVisionModel: ModelFamily("", r"encoder\.layers\.\d+", 1, None),
+    CLIPVisionModelWithProjection: ModelFamily("vision_model", r"vision_model\.encoder\.layers\.\d+", 1, None),
+    CLIPModel: ModelFamily(
+        "vision_model", r"vision_model\.encoder\.layers\.\d+", 1, "vision_config", r"text_model\.encoder\.layers\.\d+"
+    ),
+}
+SUPPORTED_MODELS: tuple[str, ...] = tuple(cls.__name__ for cls in MODEL_FAMILIES)
+_LAYER_INDEX = re.compile(r"layers\.(\d+)$")
+
+
+def model_family(
+    model: nn.Module,
+    method: str,
+    supported: tuple[type, ...] | None = None,
+    why: str = "token merging needs a pre-norm ViT-style encoder whose head reads the class token",
+) -> ModelFamily:
+    """The family of `model` (or of the closest supported class it derives from) among `supported` (default: all
+    of MODEL_FAMILIES); raises ValueError listing the supported classes."""
+    table = MODEL_FAMILIES if supported is None else {cls: MODEL_FAMILIES[cls] for cls in supported}
+    family = _lookup(type(model), table)
+    if family is None:
+        raise ValueError(
+            f"{method} supports only {', '.join(cls.__name__ for cls in table)} and their subclasses ({why}); got "
+            f"{type(model).__name__}."
+        )
+    return family
+
+
+def vision_config_of(model: nn.Module, family: ModelFamily):
+    config = model.config
+    return getattr(config, family.vision_config) if family.vision_config else config
+
+
+def initial_token_count(model: nn.Module, family: ModelFamily) -> int:
+    config = vision_config_of(model, family)
+    return (config.image_size // config.patch_size) ** 2 + family.protected
+
+
+def check_attention(implementation: str | None, method: str, where: str) -> None:
+    """Proportional attention is an additive float mask: only the eager and sdpa interfaces take one."""
+    implementation = implementation or "eager"
+    if implementation not in SUPPORTED_ATTENTION:
+        raise ValueError(
+            f"{method} passes proportional attention as an additive float mask, which only the 'eager' and 'sdpa' "
+            f"attention implementations take; {where} uses {implementation!r}. Load the model with "
+            "attn_implementation='sdpa' (or 'eager'), or call model.set_attn_implementation('sdpa')."
+        )
+
+
+def layer_index(name: str) -> int:
+    match = _LAYER_INDEX.search(name)
+    if match is None:
+        raise ValueError(f"cannot read a layer index from module name {name!r} (expected '...layers.<i>').")
+    return int(match.group(1))
+
+
+def backbone_name(layer_name: str) -> str:
+    """'vit.layers.3' -> 'vit'; 'vision_model.encoder.layers.0' -> 'vision_model'; 'layers.1' -> ''."""
+    return re.sub(r"(^|\.)(encoder\.)?layers\.\d+$", "", layer_name)
