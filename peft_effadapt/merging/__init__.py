@@ -50,7 +50,7 @@ __all__ = [
     "token_counts",
     "tokens_by_group",
     "validate_spec",
-    # TempMe (issue 7)
+    # TempMe: clip grouping
     "group_sequences",
     "ungroup_protected",
 ]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from torch import nn
 
-from ..adapter_checks import ValidatedLoadMixin
+from ..peft_hooks import ValidatedLoadMixin
 from ..targeting import unwrap_to_tuner_layers
 from .config import ContextPromptConfig
 from .layer import ContextPromptLayer

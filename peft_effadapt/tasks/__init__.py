@@ -9,7 +9,7 @@ from .classification import (
     evaluate_base_to_novel,
     harmonic_mean,
 )
-from .retrieval import (  # issue 7: text-video retrieval
+from .retrieval import (
     CLIPVideoRetrieval,
     VideoRetrievalOutput,
     encode_video_dataset,

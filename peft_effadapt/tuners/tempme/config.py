@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
-from ...adapter_files import VerifiedAdapterFilesMixin
+from ...peft_hooks import VerifiedAdapterFilesMixin
 
 # Official MSRVTT setting for CLIP ViT-B/32 (LunarShen/TempMe main.py / scripts/MSRVTT.sh): 600 -> 97 tokens per video.
 VIT_B32 = dict(

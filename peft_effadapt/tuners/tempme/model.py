@@ -6,8 +6,8 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_mod
 from peft.utils.error import NoMatchingPeftModuleError
 from torch import nn
 
-from ...adapter_checks import ValidatedLoadMixin
 from ...merging import ungroup_protected
+from ...peft_hooks import ValidatedLoadMixin
 from ..tome.blocks import SUPPORTED_ATTENTION, MergeContext, layer_index, layout_of
 from ..tome.model import TokenMergingModel
 from .config import TempMeConfig

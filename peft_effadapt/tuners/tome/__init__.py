@@ -1,3 +1,4 @@
+from ...peft_hooks import register_peft_method
 from .blocks import (
     SUPPORTED_MODELS,
     MergeContext,
@@ -25,3 +26,5 @@ __all__ = [
     "make_merging_block",
     "run_merging_block",
 ]
+
+register_peft_method(name="tome", config_cls=ToMeConfig, model_cls=ToMeModel)

@@ -5,8 +5,8 @@ from dataclasses import dataclass, field
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
-from ...adapter_files import VerifiedAdapterFilesMixin
 from ...merging import MAX_PROTECTED, validate_spec
+from ...peft_hooks import VerifiedAdapterFilesMixin
 
 _SCHEDULE_HELP = (
     "Tokens merged away per encoder layer: an int r (constant), a list with one r per layer (padded with zeros), "

@@ -6,8 +6,8 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_mod
 from peft.utils.error import NoMatchingPeftModuleError
 from torch import nn
 
-from ...adapter_checks import ValidatedLoadMixin
 from ...merging import check_schedule, resolve_schedule, token_counts
+from ...peft_hooks import ValidatedLoadMixin
 from .blocks import (
     SUPPORTED_ATTENTION,
     SUPPORTED_MODELS,
