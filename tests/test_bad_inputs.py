@@ -211,6 +211,15 @@ def test_unknown_config_field_names_the_closest_known_field(case, tmp_path):
     assert "upgrade" not in message and "pip install" not in message
 
 
+def test_consolidator_rep_drop_typo_is_named(tmp_path):
+    case = next(case for case in REPS if case.id.startswith("consolidator"))
+    folder = saved_adapter(case, tmp_path)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["rep_dropp"] = config.pop("rep_drop")
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    assert_load_refused(case, folder, match="'rep_dropp' \\(did you mean 'rep_drop'\\?\\)")
+
+
 @rep
 def test_unknown_config_field_without_a_close_match_is_named(case, tmp_path):
     folder = saved_adapter(case, tmp_path)
