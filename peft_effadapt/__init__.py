@@ -1,91 +1,68 @@
 """peft_effadapt: efficient-adaptation methods as native Hugging Face PEFT types.
 
-Importing this package registers every method with peft; nothing else needs to be called::
+Importing this package registers every method with peft (each tuner registers itself); nothing else needs to be
+called::
 
     import peft_effadapt
     from peft import get_peft_model
     model = get_peft_model(vit, peft_effadapt.ConsolidatorConfig(modules_to_save=["classifier"]))
 """
 
-from . import compat, registration
-from .tasks import (  # issue 7
+from . import compat
+from .active import ActiveAdaptationLoop, ContrastiveActiveSampler, ImagePreprocess, LFTLConfig, VPATrainer
+from .pruning import CentripetalSGDCallback, ResRepCallback, load_slimmed, save_slimmed
+from .tasks import (
     CLIPVideoRetrieval,
     CLIPZeroShotClassifier,
     evaluate_base_to_novel,
     retrieval_metrics,
-    zero_shot_pipeline_kwargs,  # issue 16: merged prompt adapters in transformers' pipeline
+    zero_shot_pipeline_kwargs,
 )
 from .tuners.consolidator import ConsolidatorConfig, ConsolidatorModel
 from .tuners.coop import CoOpConfig, CoOpModel
 from .tuners.pyra import PYRAConfig, PYRAModel, pyra_param_groups
 from .tuners.qprompt import QPromptConfig, QPromptModel
 from .tuners.rlp import RLPConfig, RLPModel
-from .tuners.tempme import TempMeConfig, TempMeModel  # issue 7
+from .tuners.tempme import TempMeConfig, TempMeModel
 from .tuners.tome import ToMeConfig, ToMeModel
-
-compat.install()  # transformers >= 5.24 gates its own adapter methods at peft >= 0.22: say so clearly
-registration.register("consolidator", ConsolidatorConfig, ConsolidatorModel)
-registration.register("coop", CoOpConfig, CoOpModel)
-registration.register("rlp", RLPConfig, RLPModel)
-registration.register("tome", ToMeConfig, ToMeModel)
-registration.register("pyra", PYRAConfig, PYRAModel)
-registration.register("qprompt", QPromptConfig, QPromptModel)
-registration.register("tempme", TempMeConfig, TempMeModel)
 
 __version__ = "0.1.0"
 
-# LFTL (issue 9): source-free active domain adaptation (not a PEFT type: a sampler + Trainer loop over any adapter).
-from .active import (  # noqa: E402
-    ActiveAdaptationLoop,
-    ActiveSampler,
-    AnchorMemory,
-    ContrastiveActiveSampler,
-    EntropySampler,
-    ImagePreprocess,
-    LFTLConfig,
-    MarginSampler,
-    RandomSampler,
-    VPATrainer,
-    budget_schedule,
-)
+compat.install()  # transformers >= 5.24 gates its own adapter methods at peft >= 0.22: say so clearly
 
 __all__ = [
-    "CLIPZeroShotClassifier",
+    "__version__",
+    # PEFT types: a config for `get_peft_model` and the tuner peft builds from it
     "CoOpConfig",
     "CoOpModel",
     "ConsolidatorConfig",
     "ConsolidatorModel",
-    "RLPConfig",
-    "RLPModel",
     "PYRAConfig",
     "PYRAModel",
     "QPromptConfig",
     "QPromptModel",
-    "ToMeConfig",
-    "ToMeModel",
-    "__version__",
-    "evaluate_base_to_novel",
-    "zero_shot_pipeline_kwargs",
-    "pyra_param_groups",
-    # issue 7: TempMe and text-video retrieval
-    "CLIPVideoRetrieval",
+    "RLPConfig",
+    "RLPModel",
     "TempMeConfig",
     "TempMeModel",
+    "ToMeConfig",
+    "ToMeModel",
+    "pyra_param_groups",
+    # tasks: CLIP classification and text-video retrieval on top of an adapted model
+    "CLIPVideoRetrieval",
+    "CLIPZeroShotClassifier",
+    "evaluate_base_to_novel",
     "retrieval_metrics",
+    "zero_shot_pipeline_kwargs",
+    # structured pruning: Trainer callbacks that slim a model, and the save/load pair for slimmed models
+    "CentripetalSGDCallback",
+    "ResRepCallback",
+    "load_slimmed",
+    "save_slimmed",
+    # LFTL (active domain adaptation): config, query strategy, per-round Trainer, the loop that runs the rounds
     "ActiveAdaptationLoop",
-    "ActiveSampler",
-    "AnchorMemory",
     "ContrastiveActiveSampler",
-    "EntropySampler",
     "ImagePreprocess",
     "LFTLConfig",
-    "MarginSampler",
-    "RandomSampler",
     "VPATrainer",
-    "budget_schedule",
 ]
-
-# Structured pruning (issue 8): Trainer callbacks that slim a model, and the save/load pair for slimmed models.
-from .pruning import CentripetalSGDCallback, ResRepCallback, load_slimmed, save_slimmed  # noqa: E402
-
-__all__ += ["CentripetalSGDCallback", "ResRepCallback", "load_slimmed", "save_slimmed"]

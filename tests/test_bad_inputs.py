@@ -199,13 +199,32 @@ def test_another_methods_peft_type_is_refused(case, other, tmp_path):
 
 
 @rep
-def test_unknown_config_field_is_named_in_a_warning_and_ignored(case, tmp_path):
-    """peft's forward-compatibility rule: unknown fields are dropped with a warning that names them."""
+def test_unknown_config_field_names_the_closest_known_field(case, tmp_path):
+    """A typo in a saved field (the last field's name plus one letter) is refused with the field and its likely
+    intended name, without peft's advice to upgrade peft; the model and the files stay as they were."""
+    folder = saved_adapter(case, tmp_path)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    field = [name for name in config if name not in ("peft_type", "auto_mapping")][-1]
+    config[field + "p"] = config.pop(field)
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    message = assert_load_refused(case, folder, match=f"'{field}p'.*did you mean '{field}'")
+    assert "upgrade" not in message and "pip install" not in message
+
+
+def test_consolidator_rep_drop_typo_is_named(tmp_path):
+    case = next(case for case in REPS if case.id.startswith("consolidator"))
+    folder = saved_adapter(case, tmp_path)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["rep_dropp"] = config.pop("rep_drop")
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    assert_load_refused(case, folder, match="'rep_dropp' \\(did you mean 'rep_drop'\\?\\)")
+
+
+@rep
+def test_unknown_config_field_without_a_close_match_is_named(case, tmp_path):
     folder = saved_adapter(case, tmp_path)
     edit_config(folder, field_from_the_future=10**400)
-    with pytest.warns(UserWarning, match="field_from_the_future"):
-        model = PeftModel.from_pretrained(case.make_model(), folder)
-    assert not hasattr(model.peft_config["default"], "field_from_the_future")
+    assert_load_refused(case, folder, match="'field_from_the_future' \\(no similar field\\)")
 
 
 def _json_wrong_value(hint):

@@ -11,10 +11,10 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPIN
 from peft.utils import PeftType
 
 import peft_effadapt
-from peft_effadapt import ConsolidatorConfig, ConsolidatorModel, registration
+from peft_effadapt import ConsolidatorConfig, ConsolidatorModel, peft_hooks
 
 
-@pytest.mark.parametrize("name", registration.PEFT_TYPE_NAMES)
+@pytest.mark.parametrize("name", peft_hooks.registered_peft_types())
 def test_members_behave_like_peft_members(name):
     member = PeftType[name]
     assert member is getattr(PeftType, name) is PeftType(name)
@@ -35,14 +35,14 @@ def test_consolidator_is_registered_with_prefix():
 
 
 def test_import_twice_and_reload_are_idempotent():
-    registration.register("consolidator", ConsolidatorConfig, ConsolidatorModel)
-    importlib.reload(registration)
+    peft_hooks.register_peft_method(name="consolidator", config_cls=ConsolidatorConfig, model_cls=ConsolidatorModel)
+    importlib.reload(peft_hooks)
     try:
         reloaded = importlib.reload(peft_effadapt)
         assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.CONSOLIDATOR] is reloaded.ConsolidatorConfig
         assert list(PeftType).count(PeftType.CONSOLIDATOR) == 1
     finally:  # point peft back at the classes the other test modules imported
-        registration.register("consolidator", ConsolidatorConfig, ConsolidatorModel)
+        peft_hooks.register_peft_method(name="consolidator", config_cls=ConsolidatorConfig, model_cls=ConsolidatorModel)
     assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.CONSOLIDATOR] is ConsolidatorConfig
 
 
@@ -51,7 +51,7 @@ def test_conflicting_registration_is_a_clear_error():
         pass
 
     with pytest.raises(ValueError, match="already registered"):
-        registration.register("consolidator", OtherConfig, ConsolidatorModel)
+        peft_hooks.register_peft_method(name="consolidator", config_cls=OtherConfig, model_cls=ConsolidatorModel)
 
 
 def test_colliding_prefix_is_refused_before_any_member_is_added():
@@ -59,14 +59,14 @@ def test_colliding_prefix_is_refused_before_any_member_is_added():
         prefix = "ora_"
 
     with pytest.raises(ValueError, match="collides with 'lora_'"):
-        registration.register("ora", ConsolidatorConfig, Tuner)
+        peft_hooks.register_peft_method(name="ora", config_cls=ConsolidatorConfig, model_cls=Tuner)
     assert "ORA" not in PeftType.__members__
 
 
 def test_bad_member_names_are_refused():
     with pytest.raises(ValueError, match="upper-case"):
-        registration.add_peft_type("lower")
-    assert registration.add_peft_type("LORA") is PeftType.LORA
+        peft_hooks.add_peft_type("lower")
+    assert peft_hooks.add_peft_type("LORA") is PeftType.LORA
 
 
 def test_loading_without_import_names_the_type_and_works_after_import(tmp_path):

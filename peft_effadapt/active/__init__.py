@@ -2,6 +2,11 @@
 
 Pool of unlabelled target data -> sampler scores with current and previous predictions -> oracle labels the
 queried rows -> VPA training round (a `Trainer`) -> state (labels, memory, round, weights) saved -> next round.
+
+One method, four roles (the names of the LFTL spec): `LFTLConfig` holds every hyper-parameter of the method;
+`ContrastiveActiveSampler` picks the rows to label each round; `VPATrainer` is the `transformers.Trainer` of one
+round (visual persistence adaptation loss, anchor memory); `ActiveAdaptationLoop` runs the rounds (query, label,
+train, save, resume) with a config, a sampler and a fresh `VPATrainer` per round.
 """
 
 from .budget import budget_schedule

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from peft.config import PeftConfig
 
-from ..adapter_files import VerifiedAdapterFilesMixin
+from ..peft_hooks import VerifiedAdapterFilesMixin
 from .matching import MAX_PROTECTED
 from .schedules import validate_spec
 

@@ -12,7 +12,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils.error import NoMatchingPeftModuleError
 from torch import nn
 
-from ..adapter_checks import ValidatedLoadMixin
+from ..peft_hooks import ValidatedLoadMixin
 from ..targeting import targeted_modules
 from .config import TokenMergingConfig
 from .families import (

@@ -1,6 +1,7 @@
-"""CLIP text-prompt core shared by the prompt methods (CoOp, RLP): context rows written at placeholder positions
-after BOS in the token embeddings of `text_model.embeddings`, input_ids untouched (EOS pooling and the causal mask
-unchanged), merged into the position-embedding table where exact (unified context)."""
+"""CLIP text-prompt core shared by the prompt methods (CoOp, RLP, QPrompt, which quantises a CoOp, RLP or MaPLe
+prompt): context rows written at placeholder positions after BOS in the token embeddings of `text_model.embeddings`,
+input_ids untouched (EOS pooling and the causal mask unchanged), merged into the position-embedding table where exact
+(unified context)."""
 
 from .config import ContextPromptConfig
 from .layer import ContextPromptLayer, PromptSlots, prompt_rows, write_context

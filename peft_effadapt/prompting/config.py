@@ -7,7 +7,7 @@ from typing import Literal
 
 from peft.config import PeftConfig
 
-from ..adapter_files import VerifiedAdapterFilesMixin
+from ..peft_hooks import VerifiedAdapterFilesMixin
 
 CLASS_TOKEN_POSITIONS = ("end",)
 

@@ -7,7 +7,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_mod
 from torch import nn
 from transformers.models.clip.modeling_clip import CLIPTextEmbeddings
 
-from ..adapter_checks import ValidatedLoadMixin
+from ..peft_hooks import ValidatedLoadMixin
 from ..targeting import unwrap_to_tuner_layers
 from .config import ContextPromptConfig
 from .layer import ContextPromptLayer

@@ -10,7 +10,7 @@ from .classification import (
     harmonic_mean,
 )
 from .pipeline import zero_shot_pipeline_kwargs
-from .retrieval import (  # issue 7: text-video retrieval
+from .retrieval import (
     CLIPVideoRetrieval,
     VideoRetrievalOutput,
     encode_video_dataset,

@@ -24,7 +24,7 @@ __all__ = [
     "tiny_vit_config",
 ]
 
-# Generated datasets, CoOp-protocol splits, bundled checkpoints (issue 3: the testbed).
+# Generated datasets, CoOp-protocol splits, bundled checkpoints (the testbed).
 from ..tasks import harmonic_mean  # noqa: E402  (the CoOp protocol's summary number, re-exported)
 from .cache import cache_dir  # noqa: E402
 from .captions import TEMPLATE, full_caption, random_caption  # noqa: E402

@@ -1,3 +1,4 @@
+from ...peft_hooks import register_peft_method
 from .config import ConsolidatorConfig
 from .layer import ConsolidatorLayer, ConsolidatorLinear
 from .model import ConsolidatorModel
@@ -12,3 +13,5 @@ __all__ = [
     "shuffle_permutation",
     "support_index",
 ]
+
+register_peft_method(name="consolidator", config_cls=ConsolidatorConfig, model_cls=ConsolidatorModel)

@@ -6,7 +6,7 @@ from typing import Literal
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
-from ...adapter_files import VerifiedAdapterFilesMixin
+from ...peft_hooks import VerifiedAdapterFilesMixin
 
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 

@@ -5,7 +5,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils.error import NoMatchingPeftModuleError
 from torch import nn
 
-from ...adapter_checks import ValidatedLoadMixin
+from ...peft_hooks import ValidatedLoadMixin
 from ...targeting import candidate_names, model_type_of, targeted_modules, unwrap_to_tuner_layers
 from .config import ConsolidatorConfig
 from .layer import ConsolidatorLayer, ConsolidatorLinear

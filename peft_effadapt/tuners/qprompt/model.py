@@ -4,7 +4,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from ...adapter_checks import undo_injection
+from ...peft_hooks import undo_injection
 from ...prompting import ContextPromptTuner
 from ...targeting import unwrap_to_tuner_layers
 from .config import QPromptConfig

@@ -1,3 +1,4 @@
+from ...peft_hooks import register_peft_method
 from .config import PRESETS, TESTBED, VIT_B16_INFERRED, VIT_B32, TempMeConfig
 from .layer import TempMeBlock, TempMeLayer, TempMeSettings
 from .model import TempMeModel
@@ -17,3 +18,5 @@ __all__ = [
     "plan_table",
     "tempme_plan",
 ]
+
+register_peft_method(name="tempme", config_cls=TempMeConfig, model_cls=TempMeModel)
