@@ -198,6 +198,8 @@ def _split_consolidated(model, config, adapter_name, state_dict):
             continue  # left to the file check, which names the missing tensor
         key = stored[name]
         values, prefix = state_dict[key], key.removesuffix("consolidator_delta")
+        if (prefix + "consolidator_bias" in state_dict) != (config.rep_bias or config.train_bias):
+            continue  # a damaged file: left unsplit, so the file check names the layer
         expected = tuple(layer.consolidator_support[adapter_name].shape)
         if tuple(values.shape) != expected:
             undo_injection(model, adapter_name)
