@@ -1,18 +1,25 @@
 """peft's own test suite against our PEFT types: every check of peft's `TestPeftCustomModel` (tests/test_custom_models.py
-of the installed peft's sdist, see peft_suite_source.py) that is parametrised over peft's TEST_CASES runs, unchanged,
-on our cases below, with DEFAULT configs. Checks parametrised over other lists test one peft method's own features
-(LoRA variants, trainable tokens, weighted adapters, ...) and are not collected.
+of the installed peft's sdist, see peft_suite_source.py) that is parametrised over peft's TEST_CASES (44 checks) runs
+unchanged on our cases below, with default configs. Checks parametrised over other lists test one peft method's own
+features (LoRA variants, trainable tokens, weighted adapters, ...) and are not collected.
 
-The protocol: `model(X)` with X a [9, 10] integer tensor returns one tensor, and the adapter changes it. Fitted here:
-- Consolidator on peft's MLP (`target_modules` named: a plain nn.Module has no model type to default from) and on a
-  tiny ViT (`ConsolidatorConfig()` as is) that reads X as pixels.
+The protocol: `model(X)` with X a [9, 10] integer tensor returns one tensor, and the adapter changes it.
+Fitted: Consolidator on peft's MLP (`target_modules` named: a plain nn.Module has no model type to default from) and
+on a tiny ViT (`ConsolidatorConfig()` as is) that reads X as pixels. Where Consolidator differs from a check's premise:
+- test_disable_adapters(_with_merging) assume identity at init; the paper's init U(-1e-3, 1e-3) is not (peft exempts
+  DEFT-PaRa, not identity at init, the same way): these two run with the spec's `init_range=0`.
+- test_only_params_are_updated (ViT) is a strict xfail: it wants every adapter tensor to change, but a key
+  projection's bias has exactly zero gradient (softmax over keys ignores q.b_k).
+- test_active_adapter (ViT) gets peft's own skip for modules_to_save: `train_layernorm=True` adds the LayerNorms.
+- test_save_pretrained_pickle is replaced: our loaders refuse to unpickle adapter_model.bin (safetensors only).
 Not fitted, and why:
 - RLP, CoOp, QPrompt: they write context vectors at placeholder tokens of CLIP text prompts; the input must hold the
   placeholder token ids and the output is CLIP's image-text logits, so `X` cannot reach them.
-- ToMe: weight-free (no trainable tensor, nothing to save or merge), which most checks (training, save/load of
-  updated parameters, merge) presuppose.
-- PYRA, TempMe: token-merging tuners for ViT/CLIP whose default schedules need the full token count of a real image
-  grid and, for TempMe, a batch of B x T frames; their peft-API conformance is covered by tests/test_conformance.py.
+- ToMe: weight-free (no trainable tensor to save, update or merge, which most checks presuppose), and its default
+  schedule does not fit a tiny ViT's 17 tokens.
+- TempMe: its input is a batch of B x T video frames plus text, its output CLIP's video-text logits.
+- PYRA fits the protocol but is refused on the ViT subclass the protocol needs (model checks by class name); with that
+  check bypassed, 13 of its 52 checks fail (low_cpu_mem_usage loads, fp16/bf16 forward, in/out_features, merge).
 """
 
 from __future__ import annotations
@@ -25,12 +32,11 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
+from peft_suite_source import peft_tests_package
 from transformers import ViTForImageClassification
 
 from peft_effadapt import ConsolidatorConfig
 from peft_effadapt.testing import tiny_vit_config
-
-from peft_suite_source import peft_tests_package
 
 sys.path.insert(0, str(peft_tests_package()))
 try:
@@ -95,7 +101,7 @@ def _case_params(name):
     for case in CASES:
         test_name, model_id, config_cls, kwargs = case
         marks = ()
-        if name in ZERO_INIT:  # paper init U(+-1e-3) is not identity at init; the spec's init_range=0 is
+        if name in ZERO_INIT and config_cls is ConsolidatorConfig:  # paper init U(+-1e-3) is not identity at init
             kwargs = {**kwargs, "init_range": 0.0}
         if name == "test_only_params_are_updated" and model_id == "TinyViT":
             marks = (KEY_BIAS_XFAIL,)
