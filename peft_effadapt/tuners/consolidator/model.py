@@ -201,10 +201,18 @@ def _split_consolidated(model, config, adapter_name, state_dict):
         if (prefix + "consolidator_bias" in state_dict) != (config.rep_bias or config.train_bias):
             continue  # a damaged file: left unsplit, so the file check names the layer
         expected = tuple(layer.consolidator_support[adapter_name].shape)
+        for part in ("consolidator_delta", "consolidator_bias"):
+            tensor = state_dict.get(prefix + part)
+            if tensor is not None and not tensor.is_floating_point():
+                undo_injection(model, adapter_name)
+                raise ValueError(
+                    f"{part} of layer '{name}' is stored as {tensor.dtype} in the Consolidator adapter file, but the "
+                    "layer holds float values: the file is damaged or was not written by this method."
+                )
         if tuple(values.shape) != expected:
             undo_injection(model, adapter_name)
             raise ValueError(
-                f"consolidator_delta of layer '{prefix.removeprefix('base_model.model.').rstrip('.')}' has shape "
+                f"consolidator_delta of layer '{name}' has shape "
                 f"{tuple(values.shape)} in the Consolidator adapter file, but the adapter config needs {expected}: the "
                 "file and its adapter_config.json disagree, or the file targets another model."
             )
