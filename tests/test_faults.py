@@ -102,7 +102,8 @@ model.save_pretrained(out / "final")
 def test_trainer_killed_after_first_checkpoint_resumes_to_the_same_adapter(tmp_path):
     """Consolidator with DropPath (rep_drop=0.2) under Trainer, checkpoints every 4 of 12 steps; SIGKILL right after
     the first checkpoint, resume_from_checkpoint=True: the final adapter equals the uninterrupted run's within 1e-6.
-    save_mode="branches" is the resumable form (the default consolidated checkpoint cannot restore branches)."""
+    save_mode="branches" keeps each branch's own bias, so the resumed run is the same bit for bit (a consolidated
+    checkpoint resumes the same function, its Δb split equally between the DropPath branches)."""
     script = tmp_path / "train_consolidator.py"
     script.write_text(TRAIN_CONSOLIDATOR)
     reference_dir, victim_dir = tmp_path / "reference", tmp_path / "victim"

@@ -87,9 +87,9 @@ class ConsolidatorConfig(VerifiedAdapterFilesMixin, PeftConfig):
     consolidated: bool = field(
         default=False,
         metadata={
-            "help": "Written as true into a saved adapter_config.json whose weights hold consolidated deltas; "
-            "adapters built from such a config start in the consolidated state (one delta vector per layer). "
-            "Leave it False to train branches."
+            "help": "Written as true into a saved adapter_config.json whose weights hold consolidated deltas. peft's "
+            "loaders split such weights exactly back into branches; an adapter injected from this config without "
+            "peft's loader (transformers' load_adapter) holds one delta vector per layer. Leave it False to train."
         },
     )
     storage_dtype: Literal["float32", "float16", "bfloat16"] = field(

@@ -5,7 +5,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils.error import NoMatchingPeftModuleError
 from torch import nn
 
-from ...peft_hooks import ValidatedLoadMixin
+from ...peft_hooks import ValidatedLoadMixin, undo_injection
 from ...targeting import candidate_names, model_type_of, targeted_modules, unwrap_to_tuner_layers
 from .config import ConsolidatorConfig
 from .layer import ConsolidatorLayer, ConsolidatorLinear
@@ -29,8 +29,9 @@ class ConsolidatorModel(ValidatedLoadMixin, BaseTuner):
 
     Use it through peft: ``get_peft_model(model, ConsolidatorConfig(...))``. Saving stores the consolidated sparse
     delta of every layer (``consolidator_delta``: the values of ΔW on its fixed support, row-major) and the bias delta
-    (``consolidator_bias``); loading such a file gives layers in the consolidated state; ``merge_and_unload`` adds the
-    deltas into the frozen weights and returns the plain model.
+    (``consolidator_bias``); peft's loaders split such a file exactly back into live branches (trainable with
+    ``is_trainable=True``, resumable by the Trainer); ``merge_and_unload`` adds the deltas into the frozen weights and
+    returns the plain model.
     """
 
     method_name = "Consolidator"
@@ -161,19 +162,59 @@ class ConsolidatorModel(ValidatedLoadMixin, BaseTuner):
     # -- loading ------------------------------------------------------------------------------------------------
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        stored_consolidated = any(".consolidator_delta" in key for key in state_dict)
-        live_branches = any(adapter_name in layer.consolidator_branches
-                            for layer in model.modules() if isinstance(layer, ConsolidatorLayer))
-        if stored_consolidated and live_branches:
-            raise ValueError(
-                f"The Consolidator adapter being loaded into '{adapter_name}' was saved consolidated "
-                "(save_mode='consolidated'), but that adapter is live with trainable branches: consolidated values "
-                "cannot be split back into branches. This is what Trainer(resume_from_checkpoint=...) does; to resume "
-                "training, train with ConsolidatorConfig(save_mode='branches'). A consolidated adapter loads into a "
-                "fresh model (PeftModel.from_pretrained) for inference or merging."
-            )
+        """A consolidated file loads into live branches (PeftModel.from_pretrained, load_adapter, Trainer resume,
+        set_peft_model_state_dict): each layer's stored ΔW values and Δb are split exactly into its branch tensors
+        (``ConsolidatorLayer.split_consolidated``). Only transformers' own ``load_adapter``, which bypasses this hook,
+        keeps the consolidated state (one delta vector per layer)."""
+        if any(".consolidator_delta" in key for key in state_dict):
+            state_dict = _split_consolidated(model, config, adapter_name, state_dict)
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         return {k: _cast_like_model(model, k, v) for k, v in remapped.items()}
+
+
+def _split_consolidated(model, config, adapter_name, state_dict):
+    """Replaces every layer's ``consolidator_delta``/``consolidator_bias`` by the branch tensors they split into; on a
+    delta whose length is not the layer's support size, raises before any layer changes and undoes the injection."""
+    layers = {}
+    for name, layer in unwrap_to_tuner_layers(model, ConsolidatorLayer):
+        if adapter_name in layer.consolidator_patterns:
+            layers[name.removeprefix("base_model.model.")] = layer
+    stored = {key.removeprefix("base_model.model.").removesuffix(".consolidator_delta"): key
+              for key in state_dict if key.endswith(".consolidator_delta")}
+    split_dict = dict(state_dict)
+    pending = []
+    for name, layer in layers.items():  # model order, so that an error names the first bad layer
+        if name not in stored:
+            continue  # left to the file check, which names the missing tensor
+        key = stored[name]
+        values, prefix = state_dict[key], key.removesuffix("consolidator_delta")
+        if (prefix + "consolidator_bias" in state_dict) != (config.rep_bias or config.train_bias):
+            continue  # a damaged file: left unsplit, so the file check names the layer
+        expected = tuple(layer.consolidator_support[adapter_name].shape)
+        for part in ("consolidator_delta", "consolidator_bias"):
+            tensor = state_dict.get(prefix + part)
+            if tensor is not None and not tensor.is_floating_point():
+                undo_injection(model, adapter_name)
+                raise ValueError(
+                    f"{part} of layer '{name}' is stored as {tensor.dtype} in the Consolidator adapter file, but the "
+                    "layer holds float values: the file is damaged or was not written by this method."
+                )
+        if tuple(values.shape) != expected:
+            undo_injection(model, adapter_name)
+            raise ValueError(
+                f"consolidator_delta of layer '{name}' has shape "
+                f"{tuple(values.shape)} in the Consolidator adapter file, but the adapter config needs {expected}: the "
+                "file and its adapter_config.json disagree, or the file targets another model."
+            )
+        bias = split_dict.pop(prefix + "consolidator_bias", None)
+        del split_dict[key]
+        pending.append((prefix, layer, values, bias))
+    for prefix, layer, values, bias in pending:
+        layer.restore_branches(adapter_name, rep_bias=config.rep_bias, train_bias=config.train_bias)
+        with torch.no_grad():
+            for rest, value in layer.split_consolidated(adapter_name, values, bias).items():
+                split_dict[prefix + rest] = value
+    return split_dict
 
 
 def _tower_of(module_name: str) -> str:
