@@ -9,8 +9,10 @@ Importing this package registers every method with peft; nothing else needs to b
 
 from . import registration
 from .tasks import CLIPVideoRetrieval, CLIPZeroShotClassifier, evaluate_base_to_novel, retrieval_metrics  # issue 7
+from .tuners.cocoop import CoCoOpConfig, CoCoOpModel
 from .tuners.consolidator import ConsolidatorConfig, ConsolidatorModel
 from .tuners.coop import CoOpConfig, CoOpModel
+from .tuners.maple import MaPLeConfig, MaPLeModel
 from .tuners.pyra import PYRAConfig, PYRAModel, pyra_param_groups
 from .tuners.qprompt import QPromptConfig, QPromptModel
 from .tuners.rlp import RLPConfig, RLPModel
@@ -24,6 +26,8 @@ registration.register("tome", ToMeConfig, ToMeModel)
 registration.register("pyra", PYRAConfig, PYRAModel)
 registration.register("qprompt", QPromptConfig, QPromptModel)
 registration.register("tempme", TempMeConfig, TempMeModel)
+registration.register("cocoop", CoCoOpConfig, CoCoOpModel)
+registration.register("maple", MaPLeConfig, MaPLeModel)
 
 __version__ = "0.1.0"
 
@@ -46,6 +50,10 @@ __all__ = [
     "CLIPZeroShotClassifier",
     "CoOpConfig",
     "CoOpModel",
+    "CoCoOpConfig",
+    "CoCoOpModel",
+    "MaPLeConfig",
+    "MaPLeModel",
     "ConsolidatorConfig",
     "ConsolidatorModel",
     "RLPConfig",

@@ -18,7 +18,9 @@ from peft.utils import PeftType, register_peft_method
 
 # Every PEFT type this package defines or will define. Reserved at import so that an adapter_config.json naming any
 # of them resolves to a member (and to a clear "not registered" error rather than a bare KeyError).
-PEFT_TYPE_NAMES: tuple[str, ...] = ("CONSOLIDATOR", "RLP", "QPROMPT", "PYRA", "TEMPME", "COOP", "TOME")
+PEFT_TYPE_NAMES: tuple[str, ...] = (
+    "CONSOLIDATOR", "RLP", "QPROMPT", "PYRA", "TEMPME", "COOP", "TOME", "COCOOP", "MAPLE"
+)
 
 
 def add_peft_type(name: str) -> PeftType:
@@ -78,10 +80,12 @@ def register(name: str, config_cls: type, model_cls: type) -> None:
             f"PEFT type {member.value} is already registered with {registered_config!r}/{registered_model!r}; "
             f"refusing to replace it with {config_cls!r}/{model_cls!r}."
         )
-    # peft matches adapter keys by substring of the prefix, so a prefix that contains or is contained in another
-    # method's prefix would make loading pick up foreign tensors.
+    # Adapter attributes are module-path components that start with the prefix; a prefix that starts with another
+    # method's prefix ("lora_" / "lora_x_") would make that method's key filters pick up foreign tensors. A prefix
+    # merely containing another ("cocoop_" / "coop_") is harmless: one PeftModel holds adapters of one type, and
+    # peft/transformers filter the keys of a method by adapter name as well.
     for other_type, other_prefix in PEFT_TYPE_TO_PREFIX_MAPPING.items():
-        if other_prefix and (other_prefix in prefix or prefix in other_prefix):
+        if other_prefix and (prefix.startswith(other_prefix) or other_prefix.startswith(prefix)):
             raise ValueError(f"Prefix {prefix!r} collides with {other_prefix!r} of PEFT type {other_type}.")
     add_peft_type(name.upper())
     register_peft_method(name=name, config_cls=config_cls, model_cls=model_cls, prefix=prefix)

@@ -1,0 +1,5 @@
+from .config import MaPLeConfig
+from .layer import MaPLeLayer
+from .model import MaPLeModel
+
+__all__ = ["MaPLeConfig", "MaPLeLayer", "MaPLeModel"]
