@@ -7,7 +7,7 @@ import torch
 from peft import get_peft_model
 
 from peft_effadapt import CLIPZeroShotClassifier, CoCoOpConfig, CoOpConfig, MaPLeConfig, QPromptConfig
-from peft_effadapt.testing import tiny_clip, tiny_pixel_values
+from peft_effadapt.testing import tiny_clip
 
 from method_cases import _prompt_inputs, _prompt_kwargs
 
