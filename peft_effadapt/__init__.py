@@ -18,8 +18,10 @@ from .tasks import (
     retrieval_metrics,
     zero_shot_pipeline_kwargs,
 )
+from .tuners.cocoop import CoCoOpConfig, CoCoOpModel
 from .tuners.consolidator import ConsolidatorConfig, ConsolidatorModel
 from .tuners.coop import CoOpConfig, CoOpModel
+from .tuners.maple import MaPLeConfig, MaPLeModel
 from .tuners.pyra import PYRAConfig, PYRAModel, pyra_param_groups
 from .tuners.qprompt import QPromptConfig, QPromptModel
 from .tuners.rlp import RLPConfig, RLPModel
@@ -33,10 +35,14 @@ compat.install()  # transformers >= 5.24 gates its own adapter methods at peft >
 __all__ = [
     "__version__",
     # PEFT types: a config for `get_peft_model` and the tuner peft builds from it
+    "CoCoOpConfig",
+    "CoCoOpModel",
     "CoOpConfig",
     "CoOpModel",
     "ConsolidatorConfig",
     "ConsolidatorModel",
+    "MaPLeConfig",
+    "MaPLeModel",
     "PYRAConfig",
     "PYRAModel",
     "QPromptConfig",

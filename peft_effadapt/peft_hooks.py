@@ -85,7 +85,7 @@ def register_peft_method(*, name: str, config_cls: type, model_cls: type) -> Non
     and on transformers deriving the prefix as ``peft_type.lower() + "_"``, so ``model_cls.prefix`` must be
     ``name + "_"``. Unlike peft's function it is idempotent (re-import, module reload), refuses a conflicting
     registration with a ValueError, and checks the prefix against the registered *values* (peft matches adapter keys
-    by substring of the prefix, so overlapping prefixes would load foreign tensors).
+    by the prefix, so a prefix starting with another would load foreign tensors).
     """
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
@@ -105,8 +105,12 @@ def register_peft_method(*, name: str, config_cls: type, model_cls: type) -> Non
             f"PEFT type {member.value} is already registered with {registered_config!r}/{registered_model!r}; "
             f"refusing to replace it with {config_cls!r}/{model_cls!r}."
         )
+    # Adapter attributes are module-path components that start with the prefix; a prefix that starts with another
+    # method's prefix ("lora_" / "lora_x_") would make that method's key filters pick up foreign tensors. A prefix
+    # merely containing another ("cocoop_" / "coop_") is harmless: one PeftModel holds adapters of one type, and
+    # peft/transformers filter a method's keys by adapter name as well.
     for other_type, other_prefix in PEFT_TYPE_TO_PREFIX_MAPPING.items():
-        if other_prefix and (other_prefix in prefix or prefix in other_prefix):
+        if other_prefix and (prefix.startswith(other_prefix) or other_prefix.startswith(prefix)):
             raise ValueError(f"Prefix {prefix!r} collides with {other_prefix!r} of PEFT type {other_type}.")
     add_peft_type(name.upper())
     _peft_register_peft_method(name=name, config_cls=config_cls, model_cls=model_cls, prefix=prefix)

@@ -190,3 +190,25 @@ CASES += [
         output=lambda out: out.logits_per_image,
     ),
 ]
+
+# -- CoCoOp (image-conditioned context) and MaPLe (deep multimodal prompts): the prompt baselines, not mergeable -------
+from peft_effadapt import CoCoOpConfig, MaPLeConfig  # noqa: E402
+
+CASES += [
+    MethodCase(
+        id="cocoop-clip",
+        make_model=lambda: tiny_clip(seed=0),
+        make_config=lambda **kw: CoCoOpConfig(**_prompt_kwargs(), **kw),
+        make_inputs=_prompt_inputs,
+        output=lambda out: out.logits_per_image,
+        mergeable=False,
+    ),
+    MethodCase(
+        id="maple-clip",
+        make_model=lambda: tiny_clip(seed=0, vision_config=dict(hidden_size=48)),  # coupling 32 -> 48
+        make_config=lambda **kw: MaPLeConfig(prompt_depth=2, **_prompt_kwargs(), **kw),
+        make_inputs=_prompt_inputs,
+        output=lambda out: out.logits_per_image,
+        mergeable=False,
+    ),
+]

@@ -56,11 +56,11 @@ def test_conflicting_registration_is_a_clear_error():
 
 def test_colliding_prefix_is_refused_before_any_member_is_added():
     class Tuner(ConsolidatorModel):
-        prefix = "ora_"
+        prefix = "lora_x_"
 
     with pytest.raises(ValueError, match="collides with 'lora_'"):
-        peft_hooks.register_peft_method(name="ora", config_cls=ConsolidatorConfig, model_cls=Tuner)
-    assert "ORA" not in PeftType.__members__
+        peft_hooks.register_peft_method(name="lora_x", config_cls=ConsolidatorConfig, model_cls=Tuner)
+    assert "LORA_X" not in PeftType.__members__
 
 
 def test_bad_member_names_are_refused():

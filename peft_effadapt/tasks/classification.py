@@ -33,8 +33,9 @@ class CLIPZeroShotClassifier(nn.Module):
 
     - plain `CLIPModel` (or a PeftModel with its adapter disabled / of another method): prompts are
       `template.format(name)` (zero-shot CLIP);
-    - PeftModel with an active CoOp/RLP adapter: prompts are "[BOS] X*n {name}{suffix} [EOS]" and the adapter writes
-      its context at the placeholders.
+    - PeftModel with an active prompt adapter (CoOp, RLP, QPrompt, MaPLe, CoCoOp): prompts are
+      "[BOS] X*n {name}{suffix} [EOS]" and the adapter writes its context at the placeholders (CoCoOp: per image,
+      through the adapted model's forward).
 
     `forward(pixel_values, labels=None)` returns `loss` (cross-entropy) and `logits` = exp(logit_scale) * cos, so the
     classifier trains under `transformers.Trainer`. Text features are cached in eval mode and recomputed whenever
@@ -186,11 +187,24 @@ class CLIPZeroShotClassifier(nn.Module):
         feats = projected_features(self.model.get_image_features(pixel_values=pixel_values))
         return nn.functional.normalize(feats, dim=-1)
 
+    def _image_conditioned(self) -> bool:
+        """True when the active prompt adapter shifts the context per image (CoCoOp): text features are then computed
+        per image by the adapted model's own forward, never cached."""
+        return self._prompt_layer_active() and any(
+            getattr(m, "image_conditioned", False) and m.conditioned_adapter() is not None
+            for m in self.model.modules() if isinstance(m, ContextPromptLayer))
+
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs) -> CLIPClassifierOutput:
         clip = clip_of(self.model, type(self).__name__)
-        image = self.image_features(pixel_values)
-        text = self.text_features().to(image.dtype)
-        logits = clip.logit_scale.exp().to(image.dtype) * image @ text.T
+        if self._image_conditioned():
+            batch = self.prompts()
+            device = clip.text_projection.weight.device
+            logits = self.model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                                pixel_values=pixel_values).logits_per_image
+        else:
+            image = self.image_features(pixel_values)
+            text = self.text_features().to(image.dtype)
+            logits = clip.logit_scale.exp().to(image.dtype) * image @ text.T
         loss = nn.functional.cross_entropy(logits, labels.to(logits.device)) if labels is not None else None
         return CLIPClassifierOutput(loss=loss, logits=logits)
 

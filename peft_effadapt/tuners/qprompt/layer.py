@@ -8,7 +8,8 @@ import torch
 from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
-from ...prompting import ContextPromptLayer, PromptSlots, prompt_rows
+from ...prompting import PromptSlots
+from ...prompting.deep import DeepPromptLayer, DeepPromptShape, maple_tensors
 from .config import QPromptConfig
 from .tensors import QuantizedTensors
 
@@ -43,26 +44,15 @@ def host_tensors(config: QPromptConfig, tok: torch.Tensor, vision_width: int | N
     else:
         if vision_width is None:
             raise ValueError("host='maple' needs a CLIPModel (text and vision towers); the model has no vision tower.")
-        m, depth = config.maple_n_ctx, config.prompt_depth
-        ctx = p0[:m].clone() if p0 is not None else torch.randn(m, d, device=device) * std
-        if p0 is not None:
-            frozen = p0[m:].clone()
-        else:
-            frozen = tok[config.placeholder_token_id].detach().float().to(device).expand(n - m, d).clone()
-        proj = nn.Linear(d, vision_width, device=device)
-        coupling = nn.Linear(d, vision_width, device=device)  # all deep couplings start as copies of one layer
-        tensors = {"ctx": ctx, "proj_weight": proj.weight.detach(), "proj_bias": proj.bias.detach()}
-        for i in range(1, depth):
-            tensors[f"deep_text_{i}"] = torch.randn(m, d, device=device) * std
-        for i in range(1, depth):
-            tensors[f"coupling_{i}_weight"] = coupling.weight.detach().clone()
-            tensors[f"coupling_{i}_bias"] = coupling.bias.detach().clone()
+        placeholder = tok[config.placeholder_token_id].detach().float().to(device)
+        tensors, frozen = maple_tensors(p0, placeholder, n, DeepPromptShape(config.maple_n_ctx, config.prompt_depth),
+                                        vision_width, std)
     if noise is not None:
         tensors = {k: v + noise(v.shape) for k, v in tensors.items()}
     return tensors, frozen
 
 
-class QPromptLayer(ContextPromptLayer):
+class QPromptLayer(DeepPromptLayer):
     """CLIP text embeddings plus, per adapter, `qprompt_params` (the latent tensors of the host prompt, quantised in
     every forward) and the non-persistent frozen rows `qprompt_frozen` (rebuilt from the vocabulary, never saved)."""
 
@@ -76,8 +66,6 @@ class QPromptLayer(ContextPromptLayer):
         self.qprompt_frozen = BufferDict({}, persistent=False)
         self.qprompt_settings: dict[str, QPromptSettings] = {}
         self.vision_width = vision_width
-        self._prompt_rows: torch.Tensor | None = None  # rows of the current text batch in prompt format (MaPLe)
-        self._maple_hooks: list = []  # handles of the deep-prompt hooks on other CLIP modules (maple.py)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
@@ -128,29 +116,10 @@ class QPromptLayer(ContextPromptLayer):
         finally:
             self.train(was_training)
 
-    def forward(self, input_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        name = self.maple_adapter()
-        if name is not None and input_ids is not None:
-            self._prompt_rows = prompt_rows(input_ids, self.slots(name))
-        else:
-            self._prompt_rows = None
-        return super().forward(input_ids=input_ids, position_ids=position_ids, inputs_embeds=inputs_embeds)
+    # -- MaPLe host: what the deep-prompt hooks read -----------------------------------------------------------
+    def deep_shape(self, adapter_name: str) -> DeepPromptShape | None:
+        settings = self.qprompt_settings[adapter_name]
+        return DeepPromptShape(settings.maple_n_ctx, settings.prompt_depth) if settings.host == "maple" else None
 
-    # -- MaPLe: what the deep hooks read ---------------------------------------------------------------------------
-    def maple_adapter(self) -> str | None:
-        """The active adapter if it is a MaPLe host and the layer is enabled and unmerged, else None."""
-        if self.disable_adapters or self.merged:
-            return None
-        name = self._active_prompt_adapter()
-        return name if name is not None and self.qprompt_settings[name].host == "maple" else None
-
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        names = adapter_names or [n for n in self.active_adapters if self.has_adapter(n)]
-        maple = [n for n in names if self.has_adapter(n) and self.qprompt_settings[n].host == "maple"]
-        if maple:
-            raise ValueError(
-                f"QPrompt adapter '{maple[0]}' has a MaPLe host: its vision prompts change the image encoder and cannot "
-                "be merged into CLIP's weights. Keep the adapter unmerged."
-            )
-        super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
+    def deep_value(self, adapter_name: str, key: str) -> torch.Tensor:
+        return self.value(adapter_name, key)

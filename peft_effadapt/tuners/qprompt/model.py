@@ -5,16 +5,15 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from ...peft_hooks import undo_injection
-from ...prompting import ContextPromptTuner
+from ...prompting.deep import DeepPromptTuner
 from ...targeting import unwrap_to_tuner_layers
 from .config import QPromptConfig
 from .layer import QPromptLayer
-from .maple import check_depth, install_hooks, remove_hooks
 
 PEFT_PREFIX = "base_model.model."
 
 
-class QPromptModel(ContextPromptTuner):
+class QPromptModel(DeepPromptTuner):
     """QPrompt on a Hugging Face `CLIPModel` (`CLIPTextModel` for the CoOp/RLP hosts):
     `get_peft_model(clip, QPromptConfig(host="coop", bits=1, ...))`.
 
@@ -30,42 +29,15 @@ class QPromptModel(ContextPromptTuner):
     method_name = "QPrompt"
 
     # -- injection ------------------------------------------------------------------------------------------------
+    def _has_deep_prompts(self, config: QPromptConfig) -> bool:
+        return config.host == "maple"
+
     def _validate(self, config: QPromptConfig, embed_dim: int) -> None:
         if config.host == "rlp" and config.rlp_rank > min(config.n_ctx, embed_dim):
             raise ValueError(f"rlp_rank={config.rlp_rank} exceeds min(n_ctx={config.n_ctx}, d={embed_dim}).")
-        if config.host == "maple":
-            check_depth(self.model, config.prompt_depth)
-            if config.maple_n_ctx > config.n_ctx:
-                raise ValueError(f"maple_n_ctx={config.maple_n_ctx} exceeds n_ctx={config.n_ctx}.")
-
-    def _vision_width(self) -> int | None:
-        vision = getattr(getattr(self.model, "config", None), "vision_config", None)
-        return getattr(vision, "hidden_size", None) if getattr(self.model, "vision_model", None) is not None else None
 
     def _new_layer(self, target: nn.Module, adapter_name: str, config: QPromptConfig) -> QPromptLayer:
         return QPromptLayer(target, adapter_name, config, vision_width=self._vision_width())
-
-    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
-        config: QPromptConfig = self.peft_config[adapter_name]
-        if config.host == "maple":
-            check_depth(model, config.prompt_depth)  # before anything is replaced
-        super().inject_adapter(model, adapter_name, *args, **kwargs)
-        if config.host == "maple":
-            for _, layer in unwrap_to_tuner_layers(model, QPromptLayer):
-                install_hooks(layer, model)
-
-    def _unload_and_optionally_merge(self, merge=True, progressbar: bool = False, safe_merge: bool = False,
-                                     adapter_names=None):
-        if merge:
-            self._check_merge_allowed()
-            for _, layer in unwrap_to_tuner_layers(self.model, QPromptLayer):
-                names = adapter_names or [n for n in layer.active_adapters if layer.has_adapter(n)]
-                if any(layer.qprompt_settings[n].host == "maple" for n in names if layer.has_adapter(n)):
-                    layer.merge(adapter_names=names)  # raises the MaPLe error before anything changes
-        for _, layer in unwrap_to_tuner_layers(self.model, QPromptLayer):
-            remove_hooks(layer)
-        return super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=safe_merge,
-                                                    adapter_names=adapter_names)
 
     # -- inspection -----------------------------------------------------------------------------------------------
     def prompt_matrix(self, adapter_name: str | None = None) -> torch.Tensor:

@@ -1,0 +1,233 @@
+"""MaPLe's deep multimodal prompts on Hugging Face CLIP, shared by `MaPLeModel` and QPrompt's MaPLe host.
+
+Written as hooks that read the prompt tensors of a `DeepPromptLayer` (the text-embeddings layer of the adapter):
+
+- vision embeddings (after positional embeddings, before `pre_layrnorm`): append proj(ctx), m tokens;
+- text encoder layer i = 1..J-1 (input): positions 1..m of the prompt-format rows <- deep text prompt i;
+- vision encoder layer i = 1..J-1 (input): the last m tokens <- coupling_i(deep text prompt i).
+
+Layer 0 of the text tower gets the context through the embeddings (the layer itself). Every hook is the identity
+while no deep-prompt adapter is active (disabled, merged, another method), so the base model is unchanged then.
+The visual prompts change the image encoder, so a deep-prompt adapter cannot be merged into CLIP's weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import CLIPModel
+
+from ..targeting import unwrap_to_tuner_layers
+from .layer import ContextPromptLayer, prompt_rows
+from .tuner import ContextPromptTuner
+
+
+@dataclass(frozen=True)
+class DeepPromptShape:
+    """m learned leading context tokens, written at depth J (layers 0..J-1 of both towers get prompts)."""
+
+    n_ctx: int
+    depth: int
+
+
+def maple_tensors(ctx_rows: torch.Tensor | None, placeholder_row: torch.Tensor, n_ctx: int, shape: DeepPromptShape,
+                  vision_width: int, std: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(learned tensors by name, frozen text rows) of a new MaPLe prompt, as MaPLe initialises them.
+
+    `ctx_rows`: the n x d token embeddings of ctx_init (None: random init). The first m rows are learned, the other
+    n - m stay fixed words ("of a" of "a photo of a"); without ctx_init they are the placeholder's embedding. The
+    shallow projection and every deep coupling map text width d to the vision width (each coupling starts as a copy
+    of one nn.Linear initialisation, as the reference's `_get_clones` does); deep text prompts ~ N(0, std^2).
+    """
+    m, depth = shape.n_ctx, shape.depth
+    d, device = placeholder_row.shape[-1], placeholder_row.device
+    if ctx_rows is not None:
+        ctx, frozen = ctx_rows[:m].clone(), ctx_rows[m:].clone()
+    else:
+        ctx = torch.randn(m, d, device=device) * std
+        frozen = placeholder_row.expand(n_ctx - m, d).clone()
+    proj = nn.Linear(d, vision_width, device=device)
+    coupling = nn.Linear(d, vision_width, device=device)
+    tensors = {"ctx": ctx, "proj_weight": proj.weight.detach(), "proj_bias": proj.bias.detach()}
+    for i in range(1, depth):
+        tensors[f"deep_text_{i}"] = torch.randn(m, d, device=device) * std
+    for i in range(1, depth):
+        tensors[f"coupling_{i}_weight"] = coupling.weight.detach().clone()
+        tensors[f"coupling_{i}_bias"] = coupling.bias.detach().clone()
+    return tensors, frozen
+
+
+def clip_parts(model: nn.Module) -> tuple[list[nn.Module], nn.Module, list[nn.Module]]:
+    """(text encoder layers, vision embeddings, vision encoder layers) of a CLIPModel (or a subclass)."""
+    text, vision = getattr(model, "text_model", None), getattr(model, "vision_model", None)
+    if not isinstance(model, CLIPModel) or text is None or vision is None:
+        raise ValueError(
+            f"MaPLe deep prompts need a CLIPModel (text and vision towers); got {type(model).__name__}. Supported "
+            "families: CLIPModel and its subclasses."
+        )
+    return list(text.encoder.layers), vision.embeddings, list(vision.encoder.layers)
+
+
+def check_depth(model: nn.Module, depth: int) -> None:
+    text_layers, _, vision_layers = clip_parts(model)
+    if depth > min(len(text_layers), len(vision_layers)):
+        raise ValueError(
+            f"prompt_depth={depth} exceeds the number of encoder layers (text {len(text_layers)}, vision "
+            f"{len(vision_layers)})."
+        )
+
+
+def vision_width(model: nn.Module) -> int | None:
+    """Hidden size of the CLIP vision tower, or None when the model has none."""
+    vision = getattr(getattr(model, "config", None), "vision_config", None)
+    return getattr(vision, "hidden_size", None) if getattr(model, "vision_model", None) is not None else None
+
+
+class DeepPromptLayer(ContextPromptLayer):
+    """A prompt layer some of whose adapters are MaPLe deep prompts. Subclasses implement `deep_shape(name)` (None for
+    an adapter without deep prompts) and `deep_value(name, key)` (the tensor the hooks read, train/eval aware)."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self._prompt_rows: torch.Tensor | None = None  # rows of the current text batch in prompt format
+        self._deep_hooks: list = []  # handles of the hooks on other CLIP modules
+
+    def deep_shape(self, adapter_name: str) -> DeepPromptShape | None:
+        raise NotImplementedError
+
+    def deep_value(self, adapter_name: str, key: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def deep_adapter(self) -> str | None:
+        """The active adapter if it has deep prompts and the layer is enabled and unmerged, else None."""
+        if self.disable_adapters or self.merged:
+            return None
+        name = self._active_prompt_adapter()
+        return name if name is not None and self.deep_shape(name) is not None else None
+
+    def forward(self, input_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        name = self.deep_adapter()
+        self._prompt_rows = prompt_rows(input_ids, self.slots(name)) if name and input_ids is not None else None
+        return super().forward(input_ids=input_ids, position_ids=position_ids, inputs_embeds=inputs_embeds)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        names = adapter_names or [n for n in self.active_adapters if self.has_adapter(n)]
+        deep = [n for n in names if self.has_adapter(n) and self.deep_shape(n) is not None]
+        if deep:
+            raise ValueError(
+                f"Adapter '{deep[0]}' has MaPLe deep prompts: its vision prompts change the image encoder and cannot "
+                "be merged into CLIP's weights. Keep the adapter unmerged."
+            )
+        super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
+
+
+def _replace_hidden(args, kwargs, hidden):
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def _hidden(args, kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def install_hooks(layer: DeepPromptLayer, model: nn.Module) -> None:
+    """Registers the deep-prompt hooks for `layer` (once); handles are kept on the layer for `remove_hooks`."""
+    if layer._deep_hooks:
+        return
+    text_layers, vision_embeddings, vision_layers = clip_parts(model)
+
+    def active_at(i):
+        name = layer.deep_adapter()
+        shape = layer.deep_shape(name) if name else None
+        return (name, shape) if shape is not None and i < shape.depth else (None, None)
+
+    def text_hook(i):
+        def hook(module, args, kwargs):
+            name, shape = active_at(i)
+            rows = layer._prompt_rows
+            if name is None or rows is None or not bool(rows.any()):
+                return None
+            hidden = _hidden(args, kwargs)
+            m = shape.n_ctx
+            prompt = layer.deep_value(name, f"deep_text_{i}").to(hidden.dtype)
+            mixed = torch.where(rows[:, None, None], prompt.expand(hidden.shape[0], -1, -1), hidden[:, 1:1 + m])
+            return _replace_hidden(args, kwargs, torch.cat([hidden[:, :1], mixed, hidden[:, 1 + m:]], dim=1))
+        return hook
+
+    def vision_embed_hook(module, args, output):
+        name, _ = active_at(0)
+        if name is None:
+            return None
+        tokens = nn.functional.linear(layer.deep_value(name, "ctx"), layer.deep_value(name, "proj_weight"),
+                                      layer.deep_value(name, "proj_bias"))
+        return torch.cat([output, tokens.to(output.dtype).expand(output.shape[0], -1, -1)], dim=1)
+
+    def vision_hook(i):
+        def hook(module, args, kwargs):
+            name, shape = active_at(i)
+            if name is None:
+                return None
+            hidden = _hidden(args, kwargs)
+            m = shape.n_ctx
+            tokens = nn.functional.linear(layer.deep_value(name, f"deep_text_{i}"),
+                                          layer.deep_value(name, f"coupling_{i}_weight"),
+                                          layer.deep_value(name, f"coupling_{i}_bias")).to(hidden.dtype)
+            return _replace_hidden(args, kwargs,
+                                   torch.cat([hidden[:, :-m], tokens.expand(hidden.shape[0], -1, -1)], dim=1))
+        return hook
+
+    handles = [vision_embeddings.register_forward_hook(vision_embed_hook)]
+    for i in range(1, len(text_layers)):
+        handles.append(text_layers[i].register_forward_pre_hook(text_hook(i), with_kwargs=True))
+    for i in range(1, len(vision_layers)):
+        handles.append(vision_layers[i].register_forward_pre_hook(vision_hook(i), with_kwargs=True))
+    layer._deep_hooks = handles
+
+
+def remove_hooks(layer: DeepPromptLayer) -> None:
+    for handle in layer._deep_hooks:
+        handle.remove()
+    layer._deep_hooks = []
+
+
+class DeepPromptTuner(ContextPromptTuner):
+    """Base of the tuners whose adapters may carry deep prompts: checks the depth before anything is replaced,
+    installs the hooks after injection, refuses to merge them and removes the hooks on unload."""
+
+    def _has_deep_prompts(self, config) -> bool:
+        return True
+
+    def _vision_width(self) -> int | None:
+        return vision_width(self.model)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        config = self.peft_config[adapter_name]
+        deep = self._has_deep_prompts(config)
+        if deep:
+            check_depth(model, config.prompt_depth)  # before anything is replaced
+            if config.maple_n_ctx > config.n_ctx:
+                raise ValueError(f"maple_n_ctx={config.maple_n_ctx} exceeds n_ctx={config.n_ctx}.")
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        if deep:
+            for layer in self._deep_layers():
+                install_hooks(layer, model)
+
+    def _deep_layers(self) -> list[DeepPromptLayer]:
+        return [layer for _, layer in unwrap_to_tuner_layers(self.model, self.tuner_layer_cls)]
+
+    def _unload_and_optionally_merge(self, merge=True, progressbar: bool = False, safe_merge: bool = False,
+                                     adapter_names=None):
+        if merge:
+            self._check_merge_allowed()
+            for layer in self._deep_layers():
+                names = adapter_names or [n for n in layer.active_adapters if layer.has_adapter(n)]
+                if any(layer.deep_shape(n) is not None for n in names if layer.has_adapter(n)):
+                    layer.merge(adapter_names=names)  # raises the deep-prompt error before anything changes
+        for layer in self._deep_layers():
+            remove_hooks(layer)
+        return super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=safe_merge,
+                                                    adapter_names=adapter_names)

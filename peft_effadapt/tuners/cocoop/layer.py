@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ...prompting import ContextPromptLayer, PromptSlots
+from .config import CoCoOpConfig
+
+
+class CoCoOpLayer(ContextPromptLayer):
+    """CLIP text embeddings plus, per adapter, the context `cocoop_ctx` (n x d) and the meta-net π =
+    `cocoop_meta_up` ∘ ReLU ∘ `cocoop_meta_down` (two Linears, PyTorch's default initialisation as the reference's).
+
+    Outside `conditioned(...)` the layer writes the plain context (π = 0, e.g. for text-only calls); inside, each
+    text row gets ctx + its image's shift. `CoCoOpModel.forward` sets the shifts.
+    """
+
+    adapter_layer_names = ("cocoop_ctx", "cocoop_meta_down", "cocoop_meta_up")
+    other_param_names = ("cocoop_slots",)
+    image_conditioned = True
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: CoCoOpConfig, image_width: int) -> None:
+        super().__init__(base_layer)
+        self.cocoop_ctx = nn.ParameterDict({})
+        self.cocoop_meta_down = nn.ModuleDict({})
+        self.cocoop_meta_up = nn.ModuleDict({})
+        self.cocoop_slots: dict[str, PromptSlots] = {}
+        self.image_width = image_width
+        self._row_shift: torch.Tensor | None = None
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def update_layer(self, adapter_name: str, config: CoCoOpConfig, inference_mode: bool = False) -> None:
+        tok = self.token_embedding.weight
+        n, d = config.n_ctx, tok.shape[1]
+        device = tok.device if tok.device.type != "meta" else torch.device("cpu")
+        with torch.no_grad():
+            if config.ctx_init_token_ids is not None and tok.device.type != "meta":
+                ctx = tok[torch.tensor(config.ctx_init_token_ids, device=tok.device)].detach().float().clone()
+            else:
+                ctx = torch.randn(n, d, device=device) * config.init_std
+            if not config.init_weights:
+                ctx = ctx + torch.randn_like(ctx) * 0.5
+        hidden = config.meta_net_hidden or max(1, self.image_width // 16)
+        down, up = nn.Linear(self.image_width, hidden, device=device), nn.Linear(hidden, d, device=device)
+        if not config.init_weights:
+            with torch.no_grad():
+                for p in [*down.parameters(), *up.parameters()]:
+                    p.add_(torch.randn_like(p) * 0.5)
+        self.cocoop_ctx[adapter_name] = nn.Parameter(ctx.float())
+        self.cocoop_meta_down[adapter_name] = down.float()
+        self.cocoop_meta_up[adapter_name] = up.float()
+        self.cocoop_slots[adapter_name] = PromptSlots(n, config.placeholder_token_id)
+        self._move_to_base_device(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def has_adapter(self, adapter_name: str) -> bool:
+        return adapter_name in self.cocoop_ctx
+
+    def slots(self, adapter_name: str) -> PromptSlots:
+        return self.cocoop_slots[adapter_name]
+
+    def conditioned_adapter(self) -> str | None:
+        """The active CoCoOp adapter when the layer is enabled, else None."""
+        return None if self.disable_adapters else self._active_prompt_adapter()
+
+    def shift(self, adapter_name: str, image_features: torch.Tensor) -> torch.Tensor:
+        """π(v̂): one d-vector per (normalised) image feature."""
+        down, up = self.cocoop_meta_down[adapter_name], self.cocoop_meta_up[adapter_name]
+        return up(nn.functional.relu(down(image_features.to(down.weight.dtype))))
+
+    @contextmanager
+    def conditioned(self, row_shift: torch.Tensor):
+        """Within the block, text row i gets ctx + row_shift[i] (rows = images x classes, image-major)."""
+        self._row_shift = row_shift
+        try:
+            yield
+        finally:
+            self._row_shift = None
+
+    def context(self, adapter_name: str) -> torch.Tensor:
+        ctx = self.cocoop_ctx[adapter_name]
+        if self._row_shift is None:
+            return ctx
+        return ctx.unsqueeze(0) + self._row_shift.to(ctx.dtype).unsqueeze(1)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        names = adapter_names or [n for n in self.active_adapters if self.has_adapter(n)]
+        if any(self.has_adapter(n) for n in names):
+            raise ValueError(
+                f"CoCoOp adapter '{names[0]}' conditions the prompt on each image, so it has no image-independent form "
+                "to merge into CLIP's weights. Keep the adapter unmerged."
+            )
