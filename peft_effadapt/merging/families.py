@@ -30,6 +30,7 @@ from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers im
 )
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer, SiglipModel, SiglipVisionModel
 from transformers.models.vit.modeling_vit import ViTForImageClassification, ViTLayer, ViTModel
+from transformers.models.vit_mae.modeling_vit_mae import ViTMAELayer, ViTMAEModel
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 
@@ -73,6 +74,7 @@ LAYOUTS: dict[type, BlockLayout] = {
     SiglipEncoderLayer: CLIP_LAYOUT,  # SigLIP's encoder layer has CLIP's sub-module names
     Dinov2Layer: DINOV2_LAYOUT,
     Dinov2WithRegistersLayer: DINOV2_LAYOUT,
+    ViTMAELayer: VIT_LAYOUT,
 }
 
 
@@ -112,6 +114,8 @@ MODEL_FAMILIES: dict[type, ModelFamily] = {
     # DINOv2: CLS protected (the pooler reads it), plus the register tokens that follow it
     Dinov2Model: ModelFamily("", r"encoder\.layer\.\d+", 1, None),
     Dinov2WithRegistersModel: ModelFamily("", r"encoder\.layer\.\d+", 1, None, registers="num_register_tokens"),
+    # MAE's encoder: CLS protected; it sees the (1 - mask_ratio) share of patches its embeddings keep
+    ViTMAEModel: ModelFamily("", r"layers\.\d+", 1, None),
 }
 SUPPORTED_MODELS: tuple[str, ...] = tuple(cls.__name__ for cls in MODEL_FAMILIES)
 _LAYER_INDEX = re.compile(r"layers?\.(\d+)$")
@@ -148,7 +152,9 @@ def protected_count(model: nn.Module, family: ModelFamily) -> int:
 
 def initial_token_count(model: nn.Module, family: ModelFamily) -> int:
     config = vision_config_of(model, family)
-    return (config.image_size // config.patch_size) ** 2 + protected_count(model, family)
+    patches = (config.image_size // config.patch_size) ** 2
+    patches = int(patches * (1 - getattr(config, "mask_ratio", 0.0)))  # ViTMAE keeps this many (its own rounding)
+    return patches + protected_count(model, family)
 
 
 def check_attention(implementation: str | None, method: str, where: str) -> None:
