@@ -28,8 +28,9 @@ from transformers import (
     ViTModel,
 )
 
-from common import interleaved_medians, write_result
 from peft_effadapt import PYRAConfig, ToMeConfig
+
+from common import interleaved_medians, write_result
 
 BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, image_size=224)
 FAMILIES = {
