@@ -282,7 +282,7 @@ def test_flash_and_flex_attention_are_refused():
 
 def test_unsupported_model_family_lists_supported_classes():
     model = ViTForMaskedImageModeling(tiny_vit(seed=0).config)  # a ViT whose head reads the patch grid
-    with pytest.raises(ValueError, match="ViTModel, ViTForImageClassification, .*CLIPModel and their subclasses"):
+    with pytest.raises(ValueError, match="ViTModel, ViTForImageClassification, .*CLIPModel, .*Dinov2Model.* and their subclasses"):
         get_peft_model(model, ToMeConfig())
 
 

@@ -77,6 +77,18 @@ def block_attention(
     return attn_output, key
 
 
+def residual_branch(block: nn.Module, layout: BlockLayout, branch: torch.Tensor, layer_scale: str | None):
+    """What a residual branch adds, as the family's own layer does: dropout (ViT), or layer scale then drop-path
+    (DINOv2)."""
+    if layout.dropout is not None:
+        branch = getattr(block, layout.dropout)(branch)
+    if layer_scale is not None:
+        branch = getattr(block, layer_scale)(branch)
+    if layout.drop_path is not None:
+        branch = getattr(block, layout.drop_path)(branch)
+    return branch
+
+
 def run_merging_block(
     block: nn.Module,
     layout: BlockLayout,
@@ -121,9 +133,7 @@ def run_merging_block(
         block, layout, normed, bias, kwargs, qkv_delta, settings.method, layer_name, cast_mask=True
     )
     head_dim = attn.head_dim
-    if layout.dropout is not None:
-        attn_output = getattr(block, layout.dropout)(attn_output)
-    hidden = attn_output + residual
+    hidden = residual_branch(block, layout, attn_output, layout.layer_scale_attention) + residual
 
     # merge between attention and MLP
     size, source = state.size, state.source
@@ -149,9 +159,7 @@ def run_merging_block(
     # MLP
     residual = hidden
     out = getattr(block, layout.mlp)(getattr(block, layout.ln_after)(hidden))
-    if layout.dropout is not None:
-        out = getattr(block, layout.dropout)(out)
-    out = out + residual
+    out = residual_branch(block, layout, out, layout.layer_scale_mlp) + residual
     context.write(layer + 1, TokenState(out.shape[1], size, source))
     if fire_block_hooks:
         fire_forward_hooks(block, (hidden_states if block_input is None else block_input, attention_mask), out)

@@ -23,7 +23,14 @@ from transformers.models.deit.modeling_deit import (
     DeiTLayer,
     DeiTModel,
 )
+from transformers.models.dinov2.modeling_dinov2 import Dinov2Layer, Dinov2Model
+from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import (
+    Dinov2WithRegistersLayer,
+    Dinov2WithRegistersModel,
+)
+from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer, SiglipModel, SiglipVisionModel
 from transformers.models.vit.modeling_vit import ViTForImageClassification, ViTLayer, ViTModel
+from transformers.models.vit_mae.modeling_vit_mae import ViTMAELayer, ViTMAEModel
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 
@@ -43,6 +50,9 @@ class BlockLayout:
     dropout: str | None
     scaling: str
     attention_dropout: str
+    layer_scale_attention: str | None = None  # DINOv2: learned per-channel scale on each residual branch
+    layer_scale_mlp: str | None = None
+    drop_path: str | None = None  # DINOv2: stochastic depth on each residual branch (identity in eval)
 
 
 VIT_LAYOUT = BlockLayout(
@@ -53,7 +63,19 @@ CLIP_LAYOUT = BlockLayout(
     "layer_norm1", "layer_norm2", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj", "mlp", None, "scale",
     "dropout",
 )
-LAYOUTS: dict[type, BlockLayout] = {ViTLayer: VIT_LAYOUT, DeiTLayer: VIT_LAYOUT, CLIPEncoderLayer: CLIP_LAYOUT}
+DINOV2_LAYOUT = BlockLayout(
+    "norm1", "norm2", "attention", "q_proj", "k_proj", "v_proj", "o_proj", "mlp", None, "scaling",
+    "attention_dropout", layer_scale_attention="layer_scale1", layer_scale_mlp="layer_scale2", drop_path="drop_path",
+)
+LAYOUTS: dict[type, BlockLayout] = {
+    ViTLayer: VIT_LAYOUT,
+    DeiTLayer: VIT_LAYOUT,
+    CLIPEncoderLayer: CLIP_LAYOUT,
+    SiglipEncoderLayer: CLIP_LAYOUT,  # SigLIP's encoder layer has CLIP's sub-module names
+    Dinov2Layer: DINOV2_LAYOUT,
+    Dinov2WithRegistersLayer: DINOV2_LAYOUT,
+    ViTMAELayer: VIT_LAYOUT,
+}
 
 
 def _lookup(cls: type, table: dict):
@@ -72,6 +94,7 @@ class ModelFamily:
     protected: int  # leading tokens that are never merged (CLS, DeiT distillation token)
     vision_config: str | None  # attribute of model.config holding the vision config (None: model.config itself)
     text_layers_regex: str | None = None  # the text tower's encoder layers (CLIPModel)
+    registers: str | None = None  # config field counting register tokens after CLS (DINOv2 with registers)
 
 
 MODEL_FAMILIES: dict[type, ModelFamily] = {
@@ -85,9 +108,17 @@ MODEL_FAMILIES: dict[type, ModelFamily] = {
     CLIPModel: ModelFamily(
         "vision_model", r"vision_model\.encoder\.layers\.\d+", 1, "vision_config", r"text_model\.encoder\.layers\.\d+"
     ),
+    # SigLIP: no class token (nothing protected); the attention-pooling head reads every token (see merging.pooling)
+    SiglipVisionModel: ModelFamily("", r"encoder\.layers\.\d+", 0, None),
+    SiglipModel: ModelFamily("vision_model", r"vision_model\.encoder\.layers\.\d+", 0, "vision_config"),
+    # DINOv2: CLS protected (the pooler reads it), plus the register tokens that follow it
+    Dinov2Model: ModelFamily("", r"encoder\.layer\.\d+", 1, None),
+    Dinov2WithRegistersModel: ModelFamily("", r"encoder\.layer\.\d+", 1, None, registers="num_register_tokens"),
+    # MAE's encoder: CLS protected; it sees the (1 - mask_ratio) share of patches its embeddings keep
+    ViTMAEModel: ModelFamily("", r"layers\.\d+", 1, None),
 }
 SUPPORTED_MODELS: tuple[str, ...] = tuple(cls.__name__ for cls in MODEL_FAMILIES)
-_LAYER_INDEX = re.compile(r"layers\.(\d+)$")
+_LAYER_INDEX = re.compile(r"layers?\.(\d+)$")
 
 
 def model_family(
@@ -113,9 +144,17 @@ def vision_config_of(model: nn.Module, family: ModelFamily):
     return getattr(config, family.vision_config) if family.vision_config else config
 
 
+def protected_count(model: nn.Module, family: ModelFamily) -> int:
+    """Leading tokens never merged: the family's class token(s) plus any register tokens of this checkpoint."""
+    registers = getattr(vision_config_of(model, family), family.registers, 0) if family.registers else 0
+    return family.protected + int(registers)
+
+
 def initial_token_count(model: nn.Module, family: ModelFamily) -> int:
     config = vision_config_of(model, family)
-    return (config.image_size // config.patch_size) ** 2 + family.protected
+    patches = (config.image_size // config.patch_size) ** 2
+    patches = int(patches * (1 - getattr(config, "mask_ratio", 0.0)))  # ViTMAE keeps this many (its own rounding)
+    return patches + protected_count(model, family)
 
 
 def check_attention(implementation: str | None, method: str, where: str) -> None:
@@ -137,5 +176,5 @@ def layer_index(name: str) -> int:
 
 
 def backbone_name(layer_name: str) -> str:
-    """'vit.layers.3' -> 'vit'; 'vision_model.encoder.layers.0' -> 'vision_model'; 'layers.1' -> ''."""
-    return re.sub(r"(^|\.)(encoder\.)?layers\.\d+$", "", layer_name)
+    """'vit.layers.3' -> 'vit'; 'vision_model.encoder.layers.0' -> 'vision_model'; 'encoder.layer.1' -> ''."""
+    return re.sub(r"(^|\.)(encoder\.)?layers?\.\d+$", "", layer_name)

@@ -24,9 +24,11 @@ from .families import (
     layer_index,
     layout_of,
     model_family,
+    protected_count,
     vision_config_of,
 )
 from .layer import MergingBlock, TokenMergingLayer
+from .pooling import SizeWeightedPooling, pooling_head
 from .schedules import check_schedule, clamp_schedule, resolve_schedule, token_counts
 from .state import MergeContext, MergeSettings, ResetMergeState, TokenState
 
@@ -133,7 +135,7 @@ class TokenMergingModel(MergingTuner):
         a failure leaves the model untouched."""
         config: TokenMergingConfig = self.peft_config[adapter_name]
         family = model_family(model, self.method_name)
-        protected = family.protected if config.protected_tokens == "auto" else config.protected_tokens
+        protected = protected_count(model, family) if config.protected_tokens == "auto" else config.protected_tokens
         num_tokens = initial_token_count(model, family)
         target_modules = config.target_modules if config.target_modules is not None else family.layers_regex
         probe = copy.copy(config)
@@ -154,10 +156,16 @@ class TokenMergingModel(MergingTuner):
         config.layer_schedule = schedule
         config.num_tokens = num_tokens
         self._protected = protected
-        self._hook_backbone(
-            model, family.backbone, lambda module: [module.register_forward_pre_hook(ResetMergeState(self._merge_context))]
-        )
+        self._hook_backbone(model, family.backbone, self._backbone_hooks)
         super().inject_adapter(model, adapter_name, *args, state_dict=state_dict, **kwargs)
+
+    def _backbone_hooks(self, backbone: nn.Module) -> list:
+        """Resets the merge state before every forward; weights an attention-pooling head by token size."""
+        handles = [backbone.register_forward_pre_hook(ResetMergeState(self._merge_context))]
+        head = pooling_head(backbone)
+        if head is not None:
+            handles.append(head.register_forward_pre_hook(SizeWeightedPooling(self._merge_context), with_kwargs=True))
+        return handles
 
     def _layer_schedule(self, model, config, num_layers: int, num_tokens: int, protected: int) -> list[int]:
         """The saved `layer_schedule` (checked against the model) or `merge_schedule` resolved for it."""
