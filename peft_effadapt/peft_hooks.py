@@ -265,7 +265,8 @@ class ValidatedLoadMixin:
 def _expected_saved_tensors(tuner_cls: type, model: nn.Module, config, adapter_name: str):
     """key -> (shape, floating point) of what saving ``config``'s adapter from ``model`` would write, found by
     injecting it into a copy of the module tree that shares the model's tensors (no weight is copied or changed).
-    None when that dry run fails; the real injection then raises its own error or the post-load checks run.
+    None when that dry run fails; the real injection then raises its own error or the post-load checks run. The
+    random state is restored afterwards, so loading draws the same random numbers as without the check.
 
     Relies on peft 0.21's ``BaseTuner.__init__`` injecting in place into the module it is given and on
     ``get_peft_model_state_dict`` producing the keys ``save_pretrained`` writes (prefixed ``base_model.model.``
@@ -276,7 +277,9 @@ def _expected_saved_tensors(tuner_cls: type, model: nn.Module, config, adapter_n
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     trainable = [(p, p.requires_grad) for p in model.parameters()]
     try:
-        with warnings.catch_warnings():
+        # the probe's random adapter initialisation must not move the user's random stream
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=devices):
             warnings.simplefilter("ignore")
             shadow = copy.deepcopy(model, shared)
             probe = tuner_cls(shadow, probe_config, adapter_name)

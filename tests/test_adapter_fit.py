@@ -117,3 +117,21 @@ def test_model_of_another_depth_is_refused_naming_the_layers(case, change, tmp_p
 def test_model_of_another_family_is_refused_untouched(case, tmp_path):
     folder = saved_adapter(case, tmp_path)
     assert_refused_untouched(other_family(case.make_model()), folder, match=".")
+
+
+
+def test_the_fit_check_leaves_the_random_stream_alone(tmp_path):
+    """The pre-injection dry run initialises adapter weights on a shadow model; the user's RNG must not move."""
+    from peft import PeftConfig
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+
+    from peft_effadapt.peft_hooks import _expected_saved_tensors
+
+    case = next(c for c in CASES if c.id == "consolidator-vit-cls")
+    folder = saved_adapter(case, tmp_path)
+    config = PeftConfig.from_pretrained(folder)
+    model = case.make_model()
+    state = torch.get_rng_state()
+    expected = _expected_saved_tensors(PEFT_TYPE_TO_TUNER_MAPPING[config.peft_type], model, config, "default")
+    assert expected  # the dry run ran and saw the adapter's tensors
+    assert torch.equal(torch.get_rng_state(), state)
