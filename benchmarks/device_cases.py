@@ -130,10 +130,12 @@ def cases(small: bool, n_classes: int, text_len: int, frames: int) -> list[Case]
     return [
         Case("consolidator", vit, lambda: peft_effadapt.ConsolidatorConfig(
             rep_drop=0.0, modules_to_save=head, init_weights=False), vit_inputs, logits),
-        Case("tome", vit, lambda: peft_effadapt.ToMeConfig(merge_schedule=merge_r, modules_to_save=head),
+        Case("tome", vit, lambda: peft_effadapt.ToMeConfig(merge_schedule=merge_r, clamp_schedule=True,
+                                                                   modules_to_save=head),
              vit_inputs, logits, settings={"merge_schedule": merge_r}),
-        Case("pyra", vit, lambda: peft_effadapt.PYRAConfig(
-            merge_schedule="low", lora_dropout=0.0, modules_to_save=head, init_weights=False), vit_inputs, logits),
+        # PYRA from its own initialisation (LoRA B = 0): a random LoRA on q/k/v makes bf16 flip which tokens merge
+        Case("pyra", vit, lambda: peft_effadapt.PYRAConfig(merge_schedule="low", lora_dropout=0.0,
+                                                           modules_to_save=head), vit_inputs, logits),
         Case("coop", clip16, lambda: peft_effadapt.CoOpConfig(**prompt), prompt_inputs, clip_logits),
         Case("rlp", clip16, lambda: peft_effadapt.RLPConfig(rank=1, lowrank_dropout=0.0, init_weights=False,
                                                             **prompt), prompt_inputs, clip_logits),

@@ -426,11 +426,12 @@ def speed_token_merging(entry, device, sizes, small, compiled):
     base = ViTForImageClassification(cfg).eval()
     r = 4 if small else 16
     models = {"unmerged": base.to(device),
-              f"tome_r{r}": get_peft_model(copy.deepcopy(base), peft_effadapt.ToMeConfig(merge_schedule=r)).eval(),
+              f"tome_r{r}": get_peft_model(copy.deepcopy(base), peft_effadapt.ToMeConfig(
+                  merge_schedule=r, clamp_schedule=True)).eval(),
               "pyra_low": get_peft_model(copy.deepcopy(base), peft_effadapt.PYRAConfig(merge_schedule="low"))
               .merge_and_unload().eval()}
     entry["settings"] = {"model": "ViT-B/16" if not small else "tiny ViT", "autocast": "bf16", "tome_r": r,
-                         "pyra": "low, LoRA merged"}
+                         "tome_clamp_schedule": True, "pyra": "low, LoRA merged"}
     images_per_s(entry, device, sizes, models, cfg.image_size,
                  sizes["compile_batches"] if compiled else sizes["speed_batches"], compiled)
 
