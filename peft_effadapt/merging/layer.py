@@ -65,6 +65,8 @@ class TokenMergingLayer(BaseTunerLayer):
             container = getattr(self, attr)
             if adapter_name in container:
                 item = container[adapter_name]
+                if any(t.is_meta for t in (item.parameters() if isinstance(item, nn.Module) else [item])):
+                    continue  # low_cpu_mem_usage: created on the meta device, the loader assigns the real tensors
                 if isinstance(item, nn.Module):
                     item.to(device=reference.device, dtype=reference.dtype)
                 else:

@@ -104,7 +104,7 @@ class MergingTuner(ValidatedLoadMixin, BaseTuner):
         if reference is None or not isinstance(new_module, BaseTunerLayer):
             return
         for name, module in new_module.named_modules():
-            if self.prefix in name:
+            if self.prefix in name and not any(p.is_meta for p in module.parameters()):  # meta: low_cpu_mem_usage
                 module.to(reference.device)
 
     # -- unloading and inspection -------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ class ConsolidatorBranch(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def dense_weight(self) -> torch.Tensor:
-        return self.pattern.dense(self.weight)
+        return self.pattern.dense(self.weight, self.columns)
 
 
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:

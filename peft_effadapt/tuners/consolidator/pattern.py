@@ -85,10 +85,11 @@ class BranchPattern:
             return None if (start, stop) == (0, self.in_features) else slice(start, stop)
         return index
 
-    def dense(self, values: torch.Tensor) -> torch.Tensor:
-        """Scatter branch values ``[Dout, si]`` into the dense ``[Dout, Din]`` matrix."""
+    def dense(self, values: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
+        """Scatter branch values ``[Dout, si]`` into the dense ``[Dout, Din]`` matrix (`columns`: a cached
+        `columns()` on the values' device)."""
         out = values.new_zeros(self.out_features, self.in_features)
-        return out.scatter(1, self.columns().to(values.device), values)
+        return out.scatter(1, (self.columns() if columns is None else columns).to(values.device), values)
 
     def mask(self) -> torch.Tensor:
         out = torch.zeros(self.out_features, self.in_features, dtype=torch.bool)

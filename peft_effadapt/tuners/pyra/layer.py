@@ -26,10 +26,12 @@ def pyra_modulate(
     """
     if src.shape[1] != w_r.shape[0]:
         raise ValueError(f"PYRA W_r has {w_r.shape[0]} rows but {src.shape[1]} tokens are being merged.")
+    dtype = src.dtype  # computed in the adapter's dtype (e.g. fp32 adapter on a bf16 model), returned in the input's
+    src, dst = src.to(w_r.dtype), dst.to(w_r.dtype)
     m = F.layer_norm(src + dst, (src.shape[-1],), norm_weight, norm_bias, eps)
     channel = 2 * torch.sigmoid(torch.matmul(m.transpose(1, 2), w_r).transpose(1, 2))
     token = 2 * torch.sigmoid(torch.matmul(m, w_d.transpose(0, 1))) - 1
-    return src + (src * channel) * token
+    return (src + (src * channel) * token).to(dtype)
 
 
 class PYRAModulation(nn.Module):

@@ -1,0 +1,156 @@
+"""Models, inputs and PEFT configs of the device check, at real size (ViT-B/16, CLIP ViT-B/16 and B/32, ResNet-50;
+random weights from configs) or tiny (`small=True`, the same code paths in seconds on a CPU)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPVisionModel,
+    ResNetConfig,
+    ResNetForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
+)
+
+import peft_effadapt
+from peft_effadapt.testing import tiny_clip_config, tiny_resnet, tiny_vit_config
+
+# CLIP BPE ids (the real tokenizer's): BOS, EOS, "X" as the prompt placeholder, "a photo of a" as context init.
+BOS, EOS, PLACEHOLDER, DOT, CTX_INIT = 49406, 49407, 343, 269, [320, 1125, 539, 320]
+TINY_BOS, TINY_EOS, TINY_PLACEHOLDER, TINY_DOT, TINY_CTX_INIT = 1, 2, 7, 5, [10, 11, 12, 13]
+
+
+def vit_config(small: bool) -> ViTConfig:
+    if small:
+        return tiny_vit_config(image_size=64, num_labels=10)  # 65 tokens: room for ToMe/PYRA schedules
+    return ViTConfig(num_labels=1000)  # ViT-B/16, 224², 197 tokens
+
+
+def clip_config(small: bool, patch: int) -> CLIPConfig:
+    if small:
+        return tiny_clip_config(vision_config=dict(hidden_size=48))  # 32 -> 48: MaPLe's coupling is exercised
+    return CLIPConfig(
+        text_config=dict(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=EOS),
+        vision_config=dict(patch_size=patch),  # defaults: ViT-B, 224², 12 layers, width 768
+        projection_dim=512,
+    )
+
+
+def resnet_model(small: bool) -> ResNetForImageClassification:
+    if small:
+        return tiny_resnet(random_batchnorm=True).train()
+    torch.manual_seed(0)
+    return ResNetForImageClassification(ResNetConfig(num_labels=1000))  # ResNet-50 layout
+
+
+def image_size(config) -> int:
+    return config.vision_config.image_size if hasattr(config, "vision_config") else config.image_size
+
+
+def prompt_ids(n_classes: int, length: int, small: bool, seed: int = 0) -> dict[str, torch.Tensor]:
+    """'[BOS] X X X X {class}. [EOS]' token rows with 1-3 random class tokens, zero-padded to `length`."""
+    bos, eos, ph, dot = (TINY_BOS, TINY_EOS, TINY_PLACEHOLDER, TINY_DOT) if small else (BOS, EOS, PLACEHOLDER, DOT)
+    low, high = (20, 60) if small else (1000, 40000)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(n_classes, length, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i in range(n_classes):
+        name = torch.randint(low, high, (int(torch.randint(1, 4, (1,), generator=g)),), generator=g).tolist()
+        row = [bos] + [ph] * 4 + name + [dot, eos]
+        ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def caption_ids(batch: int, length: int, small: bool, seed: int = 3) -> dict[str, torch.Tensor]:
+    bos, eos = (TINY_BOS, TINY_EOS) if small else (BOS, EOS)
+    high = 60 if small else 40000
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, high, (batch, length), generator=g)
+    ids[:, 0], ids[:, -1] = bos, eos
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def pixels(batch: int, size: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _prompt_kwargs(small: bool) -> dict:
+    return dict(ctx_init_token_ids=list(TINY_CTX_INIT if small else CTX_INIT),
+                placeholder_token_id=TINY_PLACEHOLDER if small else PLACEHOLDER)
+
+
+@dataclass
+class Case:
+    """One PEFT type on its model: `make_model()` is deterministic; `make_inputs(batch)` gives a dict of inputs."""
+
+    name: str
+    make_model: Callable[[], torch.nn.Module]
+    make_config: Callable[[], object]
+    make_inputs: Callable[..., dict[str, torch.Tensor]]  # (batch, ref=False); ref: the cheap CPU-reference batch
+    output: Callable[[object], torch.Tensor]
+    mergeable: bool = True
+    settings: dict = field(default_factory=dict)
+
+
+def _seeded(build: Callable[[], torch.nn.Module]) -> Callable[[], torch.nn.Module]:
+    def make():
+        torch.manual_seed(0)
+        return build()
+    return make
+
+
+def cases(small: bool, n_classes: int, text_len: int, frames: int) -> list[Case]:
+    vit_cfg, clip16_cfg, clip32_cfg = vit_config(small), clip_config(small, 16), clip_config(small, 32)
+    vit = _seeded(lambda: ViTForImageClassification(vit_cfg))
+    clip16 = _seeded(lambda: CLIPModel(clip16_cfg))
+    clip32 = _seeded(lambda: CLIPModel(clip32_cfg))
+    vit_size, clip_size = image_size(vit_cfg), image_size(clip16_cfg)
+
+    def vit_inputs(batch, ref=False):
+        return {"pixel_values": pixels(batch, vit_size)}
+
+    def prompt_inputs(batch, ref=False):  # the CPU reference encodes 8 class prompts, training all of them
+        return {"pixel_values": pixels(batch, clip_size), **prompt_ids(min(n_classes, 8) if ref else n_classes,
+                                                                       text_len, small)}
+
+    def video_inputs(batch, ref=False):  # `batch` videos of `frames` frames (contiguous), one caption each
+        return {"pixel_values": pixels(batch * frames, clip_size), **caption_ids(batch, text_len, small)}
+
+    prompt = _prompt_kwargs(small)
+    head = ["classifier"]
+    merge_r = 4 if small else 16
+    tempme = (dict(num_frames=frames, imgme_r=2, clip_merge_layers=[1], clip_group_sizes=[frames], lora_r=2)
+              if small else dict(num_frames=frames))  # official ViT-B/32 setting
+    logits, clip_logits = (lambda out: out.logits), (lambda out: out.logits_per_image)
+    return [
+        Case("consolidator", vit, lambda: peft_effadapt.ConsolidatorConfig(
+            rep_drop=0.0, modules_to_save=head, init_weights=False), vit_inputs, logits),
+        Case("tome", vit, lambda: peft_effadapt.ToMeConfig(merge_schedule=merge_r, clamp_schedule=True,
+                                                                   modules_to_save=head),
+             vit_inputs, logits, settings={"merge_schedule": merge_r}),
+        # PYRA from its own initialisation (LoRA B = 0): a random LoRA on q/k/v makes bf16 flip which tokens merge
+        Case("pyra", vit, lambda: peft_effadapt.PYRAConfig(merge_schedule="low", lora_dropout=0.0,
+                                                           modules_to_save=head), vit_inputs, logits),
+        Case("coop", clip16, lambda: peft_effadapt.CoOpConfig(**prompt), prompt_inputs, clip_logits),
+        Case("rlp", clip16, lambda: peft_effadapt.RLPConfig(rank=1, lowrank_dropout=0.0, init_weights=False,
+                                                            **prompt), prompt_inputs, clip_logits),
+        Case("qprompt-coop", clip16, lambda: peft_effadapt.QPromptConfig(host="coop", bits=1, **prompt),
+             prompt_inputs, clip_logits),
+        Case("qprompt-rlp", clip16, lambda: peft_effadapt.QPromptConfig(
+            host="rlp", bits=2, rlp_rank=1, rlp_dropout=0.0, **prompt), prompt_inputs, clip_logits),
+        Case("qprompt-maple", clip16, lambda: peft_effadapt.QPromptConfig(
+            host="maple", bits=4, prompt_depth=2 if small else 9, **prompt), prompt_inputs, clip_logits,
+             mergeable=False),
+        Case("tempme", clip32, lambda: peft_effadapt.TempMeConfig(init_weights=False, **tempme), video_inputs,
+             clip_logits, settings={"frames": frames, **tempme}),
+    ]
+
+
+def vision_tower(small: bool, patch: int = 32) -> CLIPVisionModel:
+    torch.manual_seed(0)
+    return CLIPVisionModel(clip_config(small, patch).vision_config)
