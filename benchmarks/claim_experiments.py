@@ -32,6 +32,7 @@ class Experiment:
     run: object  # (arm, seed, settings) -> dict of metrics
     settings: dict = field(default_factory=dict)
     description: str = ""
+    prepare: object = None  # (settings, seeds) -> None: builds the data once before worker processes fork
 
 
 # -- prompt learning on the tiny CLIP (CoOp protocol, base-to-novel) ---------------------------------------------------
@@ -319,6 +320,19 @@ def run_pruning(arm: str, seed: int, s: dict) -> dict:
     return {"accuracy": 100 * row["accuracy"], "flops_ratio": row["flops_ratio"], "test_images": len(test[1])}
 
 
+def _prepare_prompts(s: dict, seeds: list[int]) -> None:
+    _clip()
+    for bits in (1, 2):
+        equal_noise_std(bits)
+    for seed in seeds:
+        for name in s["sets"]:
+            _prompt_data(name, s["test_per_class"], s["shots"], seed)
+
+
+def _prepare_image(backbone: str):
+    return lambda s, seeds: _image_data(backbone, s["task"], s["train_per_class"], s["test_per_class"])
+
+
 # -- the registry ----------------------------------------------------------------------------------------------------
 _IMAGE_FULL = dict(task="clutter", train_per_class=64, test_per_class=256, epochs=15, batch=32, lr=3e-3, rank=8)
 _IMAGE_SMALL = dict(task="clutter", train_per_class=4, test_per_class=4, epochs=1, batch=16, lr=3e-3, rank=8)
@@ -327,24 +341,31 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
     Experiment("prompts", PROMPT_ARMS, run_prompt, {
         FULL: dict(sets=list(PROMPT_SETS), shots=16, test_per_class=256, steps=300, lr=0.1, batch=32),
         SMALL: dict(sets=["shapes"], shots=2, test_per_class=2, steps=2, lr=0.1, batch=8)},
-        "bundled tiny CLIP, base-to-novel (CoOp protocol), 16 shots drawn with the run's seed, mean over sets"),
+        "bundled tiny CLIP, base-to-novel (CoOp protocol), 16 shots drawn with the run's seed, mean over sets",
+        _prepare_prompts),
     Experiment("pyra_vit", PYRA_ARMS, run_pyra("vit"), {FULL: _IMAGE_FULL, SMALL: _IMAGE_SMALL},
-               "bundled tiny ViT adapted to `clutter` (pyra.py recipe), accuracy of the merged model"),
+               "bundled tiny ViT adapted to `clutter` (pyra.py recipe), accuracy of the merged model",
+               _prepare_image("vit")),
     Experiment("pyra_clip", PYRA_ARMS, run_pyra("clip"), {FULL: _IMAGE_FULL, SMALL: _IMAGE_SMALL},
-               "bundled tiny CLIP vision tower + linear head adapted to `clutter` (pyra.py recipe)"),
+               "bundled tiny CLIP vision tower + linear head adapted to `clutter` (pyra.py recipe)",
+               _prepare_image("clip")),
     Experiment("consolidator", CONSOLIDATOR_ARMS, run_consolidator, {
         FULL: dict(_IMAGE_FULL, lr=1e-3), SMALL: _IMAGE_SMALL},
-        "bundled tiny ViT adapted to `clutter`; LoRA on the same block Linears at the closest trainable count"),
+        "bundled tiny ViT adapted to `clutter`; LoRA on the same block Linears at the closest trainable count",
+        _prepare_image("vit")),
     Experiment("tempme", TEMPME_ARMS, run_tempme, {
         FULL: dict(train_videos=256, test_videos=512, steps=60, batch=16, lr=1e-3),
         SMALL: dict(train_videos=4, test_videos=4, steps=2, batch=2, lr=1e-3)},
-        "bundled tiny CLIP fine-tuned for text-video retrieval (tempme.py recipe)"),
+        "bundled tiny CLIP fine-tuned for text-video retrieval (tempme.py recipe)",
+        lambda s, seeds: _video_data(s["train_videos"], s["test_videos"])),
     Experiment("lftl", LFTL_ARMS, run_lftl, {
         FULL: dict(pool_per_class=64, test_per_class=256, rounds=5, ratio=0.02, epochs=3, lr=0.01),
         SMALL: dict(pool_per_class=4, test_per_class=2, rounds=1, ratio=0.25, epochs=1, lr=0.01)},
-        "source-trained tiny ResNet adapted to the target domain with LFTL rounds (lftl.py recipe)"),
+        "source-trained tiny ResNet adapted to the target domain with LFTL rounds (lftl.py recipe)",
+        lambda s, seeds: _domain_data(s["pool_per_class"], s["test_per_class"])),
     Experiment("pruning", PRUNING_ARMS, run_pruning, {
         FULL: dict(train_per_class=128, test_per_class=256, flops_target=0.5, steps=600),
         SMALL: dict(train_per_class=2, test_per_class=2, flops_target=0.5, steps=2)},
-        "bundled tiny ResNet (source domain) slimmed to 0.5 FLOPs (pruning.py rows)"),
+        "bundled tiny ResNet (source domain) slimmed to 0.5 FLOPs (pruning.py rows)",
+        lambda s, seeds: _pruning_data(s["train_per_class"], s["test_per_class"])),
 )}

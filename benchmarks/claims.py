@@ -210,8 +210,15 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.out or (RESULTS if args.size == FULL else args.runs_dir)
     start = time.perf_counter()
     if not args.table_only:
+        import torch
+
+        torch.set_num_threads(1)
         jobs = missing_jobs(args.runs_dir, args.experiments, seeds, args.size)
         print(f"{len(jobs)} runs to do", flush=True)
+        for name in dict.fromkeys(job[1] for job in jobs):  # data built once, before the workers fork
+            experiment = EXPERIMENTS[name]
+            if experiment.prepare is not None:
+                experiment.prepare(experiment.settings[args.size], sorted({job[3] for job in jobs}))
         if args.jobs > 1 and len(jobs) > 1:
             with multiprocessing.get_context("fork").Pool(args.jobs, maxtasksperchild=4) as pool:
                 for _ in pool.imap_unordered(execute, jobs):
