@@ -146,14 +146,12 @@ def analyse(runs: Path, size: str, min_seeds: int = MIN_SEEDS) -> dict:
     rows = []
     for claim in CLAIMS:
         arms = data.get(claim.experiment, {})
-        pick = lambda arm: {s: m[claim.metric] for s, m in arms.get(arm, {}).items()}  # noqa: E731
-        stats = paired(pick(claim.arm), pick(claim.baseline), min_seeds)
+        stats = paired(_metric(arms, claim.arm, claim.metric), _metric(arms, claim.baseline, claim.metric), min_seeds)
         row = {"claim": claim.name, "experiment": claim.experiment, "arm": claim.arm, "baseline": claim.baseline,
                "metric": claim.metric, **stats}
         if claim.experiment == "lftl":  # the same comparison at every round
             rounds = sorted(k for k in next(iter(arms.values()), {}).get(0, {}) if k.startswith("accuracy_round"))
-            row["per_round"] = {k: paired({s: m[k] for s, m in arms.get(claim.arm, {}).items()},
-                                          {s: m[k] for s, m in arms.get(claim.baseline, {}).items()}, min_seeds)
+            row["per_round"] = {k: paired(_metric(arms, claim.arm, k), _metric(arms, claim.baseline, k), min_seeds)
                                 for k in rounds}
         errors = [json.loads(p.read_text())["error"] for arm in (claim.arm, claim.baseline)
                   for p in sorted(run_path(runs, claim.experiment, arm, 0).parent.glob("*.error.json"))]
@@ -167,11 +165,16 @@ def analyse(runs: Path, size: str, min_seeds: int = MIN_SEEDS) -> dict:
             "claims": rows, "arm_summaries": summaries}
 
 
+def _metric(arms: dict[str, dict[int, dict]], arm: str, key: str) -> dict[int, float]:
+    return {seed: metrics[key] for seed, metrics in arms.get(arm, {}).items()}
+
+
 def _summary(by_seed: dict[int, dict]) -> dict:
     import statistics
 
-    keys = [k for k, v in next(iter(by_seed.values())).items() if isinstance(v, (int, float))]
-    out = {"seeds": sorted(by_seed)}
+    first = next(iter(by_seed.values()))
+    keys = [k for k, v in first.items() if isinstance(v, (int, float))]
+    out = {"seeds": sorted(by_seed), **{k: v for k, v in first.items() if isinstance(v, list)}}  # e.g. budgets
     for k in keys:
         values = [m[k] for m in by_seed.values()]
         out[k] = {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}

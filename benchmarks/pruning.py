@@ -5,7 +5,7 @@ speed:    a ResNet-50-shaped HF model (random weights) slimmed to the official R
           medians, 2 threads) -> results/pruning_speed.json
 accuracy: the testbed ResNet (source domain) before pruning, after ResRep at ~50 % FLOPs, and L1-magnitude pruning +
           fine-tuning at the same FLOPs (same steps, same schedule); `csgd_row` is the hook for C-SGD's row
-          -> results/pruning_accuracy.json and pruning_accuracy.svg (accuracy vs FLOPs)
+          -> results/pruning_accuracy.json and pruning_accuracy.png (accuracy vs FLOPs)
 
     python benchmarks/pruning.py speed [--repeats 7]
     python benchmarks/pruning.py accuracy [--targets 0.5 0.7] [--steps 300] [--threads 1]
@@ -221,20 +221,6 @@ def accuracy(targets: list[float], steps: int, n_train: int, threads: int) -> di
         if extra is not None:
             rows.append(extra)
         print(rows[-3:], flush=True)
-    try:
-        from plots import line_plot_svg
-
-        series: dict[str, list[tuple[float, float]]] = {}
-        for row in rows[1:]:
-            if row["accuracy"] is None:
-                continue
-            series.setdefault(row["method"], []).append((row["flops_ratio"], row["accuracy"]))
-        for points in series.values():
-            points.append((1.0, rows[0]["accuracy"]))
-        line_plot_svg(RESULTS / "pruning_accuracy.svg", series, xlabel="remaining FLOPs fraction",
-                      ylabel="source test accuracy", title="Tiny ResNet: accuracy vs FLOPs")
-    except ImportError:
-        pass
     return {"task": "testbed tiny ResNet, source domain (8 shapes); internal bottleneck convs pruned",
             "steps": steps, "batch": 64, "lr": 0.02, "n_train_per_class": n_train, "threads": threads, "rows": rows}
 
@@ -251,7 +237,14 @@ def main():
     if args.what in ("speed", "all"):
         write_result("pruning_speed", speed(args.repeats, args.threads))
     if args.what in ("accuracy", "all"):
-        write_result("pruning_accuracy", accuracy(args.targets, args.steps, args.n_train, args.threads))
+        result = accuracy(args.targets, args.steps, args.n_train, args.threads)
+        write_result("pruning_accuracy", result)
+        try:
+            from plots import pruning_figure
+
+            pruning_figure(result, RESULTS / "pruning_accuracy.png")
+        except ImportError:
+            print("matplotlib not installed (the `bench` extra): no plot")
 
 
 if __name__ == "__main__":
