@@ -20,7 +20,6 @@ import torch
 from peft import get_peft_model
 
 FULL, SMALL = "full", "small"
-PROMPT_SETS = ("clutter", "drawings", "shapes")
 
 
 @dataclass
@@ -339,9 +338,11 @@ _IMAGE_SMALL = dict(task="clutter", train_per_class=4, test_per_class=4, epochs=
 
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
     Experiment("prompts", PROMPT_ARMS, run_prompt, {
-        FULL: dict(sets=list(PROMPT_SETS), shots=16, test_per_class=256, steps=300, lr=0.1, batch=32),
+        FULL: dict(sets=["clutter"], shots=16, test_per_class=256, steps=300, lr=0.1, batch=32),
         SMALL: dict(sets=["shapes"], shots=2, test_per_class=2, steps=2, lr=0.1, batch=8)},
-        "bundled tiny CLIP, base-to-novel (CoOp protocol), 16 shots drawn with the run's seed, mean over sets",
+        "bundled tiny CLIP, base-to-novel (CoOp protocol) on `clutter` (where CoOp loses novel accuracy against "
+        "zero-shot CLIP: the forgetting these methods address; one set for the CPU budget), 16 shots drawn with "
+        "the run's seed",
         _prepare_prompts),
     Experiment("pyra_vit", PYRA_ARMS, run_pyra("vit"), {FULL: _IMAGE_FULL, SMALL: _IMAGE_SMALL},
                "bundled tiny ViT adapted to `clutter` (pyra.py recipe), accuracy of the merged model",
