@@ -88,10 +88,12 @@ def main():
         run["replayed_refits"] = {str(t): replay(bits, latents, t, run["t_min"]) for t in args.thresholds}
         rows[str(bits)] = run
         print(bits, run, flush=True)
-    write_result("qprompt_refits", {"args": vars(args), "per_bits": rows,
-                                    "note": "refits = codebook refits after the initial fit in --steps training "
-                                            "steps; replayed_refits = the CAC rule replayed on the default run's "
-                                            "latent trajectory at each threshold (t_min unchanged)"})
+        # written after every bit width, so an interrupted run keeps what it measured
+        write_result("qprompt_refits", {"args": vars(args), "per_bits": rows, "note": NOTE})
+
+
+NOTE = ("refits = codebook refits after the initial fit in --steps training steps at the default CAC settings; "
+        "replayed_refits = the CAC rule replayed on that run's latent trajectory at each threshold (t_min unchanged)")
 
 
 def _fresh(model, state):
