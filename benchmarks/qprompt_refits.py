@@ -4,7 +4,8 @@
 
 One QCoOp training per bit width (the qprompt.py recipe: tiny CLIP, 16 base-class shots, SGD lr 0.1, cosine, batch
 32) at the default threshold records (a) its refits, (b) the KL drift KL(current || cached) at every step where the
-rule was eligible (>= t_min steps after the last fit), (c) the latent context after every step. The rule is then
+rule was eligible (>= t_min steps after the last fit) and how far a refit there would have moved the centroids
+(max |C_new - C| in units of the weights' std), (c) the latent context after every step. The rule is then
 replayed on that latent trajectory with a fresh `KMeansQuantizer` per threshold (the trajectory is the default
 run's; a run at another threshold would move a little differently). Writes benchmarks/results/qprompt_refits.json.
 """
@@ -23,6 +24,7 @@ from peft import get_peft_model  # noqa: E402
 from rlp import TEMPLATE, load_model, train  # noqa: E402
 
 from peft_effadapt import CLIPZeroShotClassifier, QPromptConfig  # noqa: E402
+from peft_effadapt.quantization.kmeans import kmeans_1d  # noqa: E402
 from peft_effadapt.quantization.quantizers import KMeansQuantizer  # noqa: E402
 from peft_effadapt.testing import base_novel_split, few_shot_split, make_classification_dataset  # noqa: E402
 
@@ -40,12 +42,14 @@ def record(bits: int, model, tokenizer, to_pixels, data, args) -> dict:
     config = QPromptConfig(ctx_init="a photo of a", host="coop", bits=bits).resolve_tokens(tokenizer)
     peft_model = get_peft_model(model, config)
     quantizer = kmeans_quantizer(peft_model)
-    schedule, latents, drifts = quantizer.schedule, [], []
+    schedule, latents, drifts, shifts = quantizer.schedule, [], [], []
     original = schedule.should_refit
 
     def logged(z, codebook):
         if schedule.reference is not None and schedule.step - schedule.last_fit >= schedule.t_min:
             drifts.append(schedule.drift(z, codebook))
+            # how far a refit now would move the centroids (z units: the weights' std)
+            shifts.append(float((kmeans_1d(z.float(), codebook.numel(), init=codebook) - codebook).abs().max()))
         return original(z, codebook)
 
     schedule.should_refit = logged  # instance attribute: the quantiser calls this one
@@ -57,6 +61,8 @@ def record(bits: int, model, tokenizer, to_pixels, data, args) -> dict:
     return {"refits": quantizer.refits, "t_min": schedule.t_min, "kl_threshold": schedule.kl_threshold,
             "drift": {"eligible_checks": len(drifts), "median": float(np.median(drifts)) if drifts else None,
                       "max": float(max(drifts)) if drifts else None},
+            "centroid_shift_if_refit": {"median": float(np.median(shifts)) if shifts else None,
+                                        "max": float(max(shifts)) if shifts else None},
             "latents": latents}
 
 
