@@ -71,3 +71,16 @@ def test_quick_small_run_fills_every_arm_and_resumes(tmp_path, capsys):
     failures = len(list(tmp_path.glob("*/*/*.error.json")))
     assert f"{failures} runs to do" in capsys.readouterr().out
     assert (tmp_path / "claims.json").exists() and (tmp_path / "claims.md").exists()
+
+
+def test_plots_write_pngs_with_error_bars(tmp_path):
+    pytest.importorskip("matplotlib")
+    from plots import claims_plots, errorbar_plot
+
+    with pytest.raises(ValueError, match="at least one series"):
+        errorbar_plot(tmp_path / "x.png", {}, "x", "y")
+    summary = {"seeds": [0, 1], "gflops": {"mean": 0.03, "sd": 0.0}, "accuracy": {"mean": 40.0, "sd": 1.5}}
+    result = {"arm_summaries": {"pyra_vit": {"PYRA low": summary, "LoRA+ToMe low": summary}},
+              "experiments": {}}
+    (path,) = claims_plots(result, tmp_path)
+    assert path.name == "claims_pyra.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
