@@ -36,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPVisionModel, ViTConfig, ViTForImageClassification
 
 from peft_effadapt import PYRAConfig, ToMeConfig, pyra_param_groups
+from peft_effadapt.metrics import load_metric
 from peft_effadapt.testing import CLASSIFICATION_SETS, make_classification_dataset
 from peft_effadapt.testing.processing import ShapesImageProcessor, dataset_images
 
@@ -124,12 +125,11 @@ def with_new_head(model: ViTForImageClassification, num_labels: int, seed: int) 
 
 # -- (a) accuracy vs GFLOPs ---------------------------------------------------------------------------------------
 def accuracy(model, x, y, batch: int = 256) -> float:
+    """Top-1 accuracy as a fraction (the package's `top1_accuracy` evaluate module, / 100)."""
     model.eval()
-    correct = 0
     with torch.no_grad():
-        for i in range(0, len(y), batch):
-            correct += (model(pixel_values=x[i : i + batch]).logits.argmax(-1) == y[i : i + batch]).sum().item()
-    return correct / len(y)
+        preds = torch.cat([model(pixel_values=x[i : i + batch]).logits.argmax(-1) for i in range(0, len(y), batch)])
+    return load_metric("top1_accuracy").compute(predictions=preds.numpy(), references=y.numpy())["accuracy"] / 100
 
 
 def gflops(model, image_size: int) -> float:
