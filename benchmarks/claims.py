@@ -99,7 +99,7 @@ def execute(job: tuple) -> tuple:
     path = run_path(Path(runs), name, arm, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     error = path.with_suffix(".error.json")
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     try:
         metrics = experiment.run(arm, seed, settings)
     except Exception as err:  # noqa: BLE001 - one failing arm must not stop the others; the error is kept
@@ -108,7 +108,8 @@ def execute(job: tuple) -> tuple:
         print(f"FAILED {name} / {arm} / seed {seed}: {err!r}", flush=True)
         return job, False
     payload = {"experiment": name, "arm": arm, "seed": seed, "size": size, "settings": settings,
-               "seconds": round(time.perf_counter() - start, 1), "machine": machine(), "metrics": metrics}
+               "seconds": round(time.perf_counter() - start, 1),
+               "cpu_seconds": round(time.process_time() - cpu_start, 1), "machine": machine(), "metrics": metrics}
     path.write_text(json.dumps(payload, indent=1) + "\n")
     error.unlink(missing_ok=True)
     print(f"done {name} / {arm} / seed {seed} in {payload['seconds']} s", flush=True)
