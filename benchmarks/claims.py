@@ -3,6 +3,7 @@
     python benchmarks/claims.py                      # run what is missing (5 seeds), then write the table
     python benchmarks/claims.py --jobs 4             # the same with 4 worker processes (1 thread each)
     python benchmarks/claims.py --experiments prompts pyra_vit --seeds 0 1 2
+    python benchmarks/claims.py --experiments prompts --arms CoOp "RLP r=1"   # the two arms of one claim
     python benchmarks/claims.py --table-only         # only recompute claims.json / the table / plots from the runs
     python benchmarks/claims.py --quick              # one seed of each arm (CI); add --size small for a cut-down run
 
@@ -96,6 +97,8 @@ def execute(job: tuple) -> tuple:
     torch.set_num_threads(1)
     experiment = EXPERIMENTS[name]
     settings = experiment.settings[size]
+    if load_run(Path(runs), name, arm, seed, settings) is not None:  # done meanwhile by another process
+        return job, True
     path = run_path(Path(runs), name, arm, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     error = path.with_suffix(".error.json")
@@ -116,12 +119,15 @@ def execute(job: tuple) -> tuple:
     return job, True
 
 
-def missing_jobs(runs: Path, experiments: list[str], seeds: list[int], size: str) -> list[tuple]:
+def missing_jobs(runs: Path, experiments: list[str], seeds: list[int], size: str,
+                 arms: list[str] | None = None) -> list[tuple]:
     jobs = []
     for seed in seeds:  # seed-major: every arm of a seed before the next seed, so partial runs stay paired
         for name in experiments:
             experiment = EXPERIMENTS[name]
             for arm in experiment.arms:
+                if arms and arm not in arms:
+                    continue
                 if load_run(runs, name, arm, seed, experiment.settings[size]) is None:
                     jobs.append((str(runs), name, arm, seed, size))
     return jobs
@@ -203,6 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(MIN_SEEDS)))
     parser.add_argument("--quick", action="store_true", help="seed 0 only (one run of each arm)")
     parser.add_argument("--size", default=FULL, choices=[FULL, SMALL], help="small: cut-down data/steps (CI)")
+    parser.add_argument("--arms", nargs="+", default=None, help="only these arms (e.g. the two of one claim)")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes, 1 thread each")
     parser.add_argument("--runs-dir", type=Path, default=RUNS)
     parser.add_argument("--out", type=Path, default=None, help="folder of claims.json/claims.md/plots "
@@ -217,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
         import torch
 
         torch.set_num_threads(1)
-        jobs = missing_jobs(args.runs_dir, args.experiments, seeds, args.size)
+        jobs = missing_jobs(args.runs_dir, args.experiments, seeds, args.size, args.arms)
         print(f"{len(jobs)} runs to do", flush=True)
         for name in dict.fromkeys(job[1] for job in jobs):  # data built once, before the workers fork
             experiment = EXPERIMENTS[name]
