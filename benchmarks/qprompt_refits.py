@@ -80,6 +80,7 @@ def main():
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bits", type=int, nargs="+", default=list(range(1, 9)))
+    parser.add_argument("--name", default="qprompt_refits", help="result file benchmarks/results/<name>.json")
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.02, 0.005, 0.001, 0.0002, 0.00005])
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -95,7 +96,7 @@ def main():
         rows[str(bits)] = run
         print(bits, run, flush=True)
         # written after every bit width, so an interrupted run keeps what it measured
-        write_result("qprompt_refits", {"args": vars(args), "per_bits": rows, "note": NOTE})
+        write_result(args.name, {"args": vars(args), "per_bits": rows, "note": NOTE})
 
 
 NOTE = ("refits = codebook refits after the initial fit in --steps training steps at the default CAC settings; "
