@@ -2,7 +2,7 @@
 
 Bundled testbed: the tiny ResNet trained on the source shapes domain adapts to the shifted target domain (pool =
 target train split, accuracy on the held-out target test split) with LFTL's VPA rounds; only the query strategy
-changes between curves. Writes benchmarks/results/lftl.json and lftl.svg.
+changes between curves. Writes benchmarks/results/lftl.json and lftl.png.
 
     python benchmarks/lftl.py                       # 3 seeds, 5 rounds of 2 % of a 512-image pool
     python benchmarks/lftl.py --seeds 0 --rounds 3  # quicker
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from plots import line_plot_svg  # noqa: E402
+from plots import lftl_figure  # noqa: E402
 
 from peft_effadapt import ActiveAdaptationLoop, ImagePreprocess, LFTLConfig  # noqa: E402
 from peft_effadapt.testing import load_source_classifier, make_domain_dataset  # noqa: E402
@@ -67,7 +67,7 @@ def main() -> None:
             print(f"{sampler:12s} seed {seed}: " + " ".join(f"{r['accuracy']:.3f}" for r in history)
                   + f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
     budgets = [r["num_labelled"] for r in next(iter(next(iter(runs.values())).values()))]
-    summary, series = {}, {}
+    summary = {}
     for sampler, by_seed in runs.items():
         per_round = list(zip(*[[r["accuracy"] for r in h] for h in by_seed.values()]))
         per_class = list(zip(*[[r["mean_class_accuracy"] for r in h] for h in by_seed.values()]))
@@ -75,18 +75,14 @@ def main() -> None:
                             "accuracy_std": [statistics.pstdev(v) for v in per_round],
                             "mean_class_accuracy_mean": [statistics.mean(v) for v in per_class],
                             "area_under_budget_curve": statistics.mean(statistics.mean(v) for v in per_round[1:])}
-        series[sampler] = list(zip(budgets, summary[sampler]["accuracy_mean"]))
     source = summary[args.samplers[0]]["accuracy_mean"][0]
     summary["source-only"] = {"accuracy_mean": [source] * len(budgets)}
-    series["source-only"] = [(b, source) for b in budgets]
-    svg = line_plot_svg(RESULTS / "lftl.svg", series, xlabel="labelled target samples",
-                        ylabel="target test accuracy (mean over seeds)",
-                        title=f"LFTL on the testbed shift ({len(args.seeds)} seeds)")
+    runs_json = {s: {str(k): v for k, v in by_seed.items()} for s, by_seed in runs.items()}
+    png = lftl_figure({"runs": runs_json, "setting": {"seeds": args.seeds}}, RESULTS / "lftl.png")
     write_result("lftl", {
         "setting": {"pool": len(pool), "test": len(test), "seeds": args.seeds, **cfg},
         "budgets": budgets, "summary": summary,
-        "runs": {s: {str(k): v for k, v in by_seed.items()} for s, by_seed in runs.items()},
-        "total_seconds": round(time.perf_counter() - start, 1), "plot": str(svg)})
+        "runs": runs_json, "total_seconds": round(time.perf_counter() - start, 1), "plot": str(png)})
 
 
 if __name__ == "__main__":

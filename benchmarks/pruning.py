@@ -8,7 +8,7 @@ speed:    a ResNet-50-shaped HF model (random weights) slimmed to <= 0.50 FLOPs 
           the same layout -> results/pruning_speed.json
 accuracy: the testbed tiny ResNet (source domain), >= 3 seeds: ResRep and C-SGD with internal-only and all groups at
           0.7 and 0.5 FLOPs, and L1-magnitude pruning + fine-tuning (same groups, FLOPs, steps and schedule), mean and
-          std over seeds -> results/pruning_accuracy.json (+ .svg). Every finished run is cached in
+          std over seeds -> results/pruning_accuracy.json (+ .png). Every finished run is cached in
           results/pruning_runs/ and reused, so an interrupted sweep resumes where it stopped.
 
     python benchmarks/pruning.py speed [--repeats 9]                      # needs: pip install torch-pruning (bench)
@@ -355,18 +355,19 @@ def accuracy(targets: list[float], scopes: list[str], seeds: list[int], steps: i
                                 "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else None})
     unpruned = _accuracy(base, test)
     try:
-        from plots import line_plot_svg
+        from plots import errorbar_plot
 
-        series: dict[str, list[tuple[float, float]]] = {}
+        series: dict[str, list[tuple[float, float, float | None]]] = {}
         for row in summary:
             if row["accuracy_mean"] is not None:
                 series.setdefault(f"{row['method']} ({row['scope']})", []).append(
-                    (row["flops_ratio_mean"], row["accuracy_mean"]))
+                    (row["flops_ratio_mean"], 100 * row["accuracy_mean"],
+                     None if row["accuracy_std"] is None else 100 * row["accuracy_std"]))
         for points in series.values():
-            points.append((1.0, unpruned))
-        line_plot_svg(RESULTS / "pruning_accuracy.svg", series, xlabel="remaining FLOPs fraction",
-                      ylabel="source test accuracy (mean over seeds)", title="Tiny ResNet: accuracy vs FLOPs")
-    except ImportError:
+            points.append((1.0, 100 * unpruned, None))
+        errorbar_plot(RESULTS / "pruning_accuracy.png", series, "remaining FLOPs fraction",
+                      "source test accuracy (%, mean ± sd over seeds)", "tiny ResNet: accuracy vs FLOPs")
+    except ImportError:  # matplotlib is the optional `bench` extra
         pass
     return {"task": "testbed tiny ResNet, source domain (8 shapes); internal-only vs all groups (residual streams "
                     "and stem included)", "unpruned_accuracy": unpruned, "steps": steps, "batch": 64, "lr": 0.02,

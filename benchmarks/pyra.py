@@ -11,7 +11,7 @@
     --backbone clip: the same experiment on the bundled tiny CLIP's vision tower (`load_tiny_clip()`: 32x32, patch 4
     -> 65 tokens, 3 layers) as a `CLIPVisionModel` (PYRA wraps it; CLIPForImageClassification mean-pools the patch
     tokens and is not a supported token-merging model) with a seeded linear head on its pooled class token. Written
-    under `accuracy_vs_flops_clip` (plot pyra_clip.svg); the other sections of pyra.json are kept.
+    under `accuracy_vs_flops_clip` (plot pyra_clip.png); the other sections of pyra.json are kept.
 (b) Speed (--speed): ViT-B/16-shaped ViTForImageClassification, random weights, batch 8, 224x224, inference:
     images/s of ToMe r=16 and of merged PYRA low/high relative to the unmerged model and to ToMe r=16.
 
@@ -31,11 +31,12 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 from peft import get_peft_model
-from plots import line_plot_svg
+from plots import pyra_figure
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPVisionModel, ViTConfig, ViTForImageClassification
 
 from peft_effadapt import PYRAConfig, ToMeConfig, pyra_param_groups
+from peft_effadapt.metrics import load_metric
 from peft_effadapt.testing import CLASSIFICATION_SETS, make_classification_dataset
 from peft_effadapt.testing.processing import ShapesImageProcessor, dataset_images
 
@@ -124,12 +125,11 @@ def with_new_head(model: ViTForImageClassification, num_labels: int, seed: int) 
 
 # -- (a) accuracy vs GFLOPs ---------------------------------------------------------------------------------------
 def accuracy(model, x, y, batch: int = 256) -> float:
+    """Top-1 accuracy as a fraction (the package's `top1_accuracy` evaluate module, / 100)."""
     model.eval()
-    correct = 0
     with torch.no_grad():
-        for i in range(0, len(y), batch):
-            correct += (model(pixel_values=x[i : i + batch]).logits.argmax(-1) == y[i : i + batch]).sum().item()
-    return correct / len(y)
+        preds = torch.cat([model(pixel_values=x[i : i + batch]).logits.argmax(-1) for i in range(0, len(y), batch)])
+    return load_metric("top1_accuracy").compute(predictions=preds.numpy(), references=y.numpy())["accuracy"] / 100
 
 
 def gflops(model, image_size: int) -> float:
@@ -246,18 +246,6 @@ def run_speed(args) -> dict:
     return result
 
 
-def plot(results: dict, path, model: str = "tiny ViT") -> None:
-    """Accuracy (%) against MFLOPs per image: one series per method family (points: no merging, low, high)."""
-    families: dict[str, list[tuple[float, float]]] = {}
-    for name, summary in results["methods"].items():
-        family = "LoRA + ToMe" if name.startswith("lora+tome") else "PYRA" if name.startswith("pyra") else "LoRA"
-        families.setdefault(family, []).append((summary["gflops"] * 1e3, summary["accuracy"] * 100))
-    families["LoRA + ToMe"] = families.get("LoRA + ToMe", []) + families.get("LoRA", [])
-    families["PYRA"] = families.get("PYRA", []) + families.get("LoRA", [])
-    line_plot_svg(path, families, xlabel="MFLOPs per image (merged, eager)",
-                  ylabel=f"test accuracy on {results['task']} (%)", title=f"PYRA vs LoRA + ToMe ({model})")
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
@@ -294,12 +282,12 @@ def main():
             payload[key] = {**kept_from, **old[key]} if isinstance(old[key], dict) else old[key]
     if args.backbone == "clip":
         payload["accuracy_vs_flops_clip"] = run_accuracy(args)
-        plot(payload["accuracy_vs_flops_clip"], RESULTS / "pyra_clip.svg", model="tiny CLIP vision tower")
-        payload["plot_clip"] = "benchmarks/results/pyra_clip.svg"
+        pyra_figure(payload["accuracy_vs_flops_clip"], RESULTS / "pyra_clip.png", model="tiny CLIP vision tower")
+        payload["plot_clip"] = "benchmarks/results/pyra_clip.png"
     elif not args.skip_accuracy:
         payload["accuracy_vs_flops"] = run_accuracy(args)
-        plot(payload["accuracy_vs_flops"], RESULTS / "pyra.svg")
-        payload["plot"] = "benchmarks/results/pyra.svg"
+        pyra_figure(payload["accuracy_vs_flops"], RESULTS / "pyra.png", model="tiny ViT")
+        payload["plot"] = "benchmarks/results/pyra.png"
     if args.speed:
         payload["speed"] = run_speed(args)
     write_result("pyra", payload)

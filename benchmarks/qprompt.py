@@ -2,7 +2,7 @@
 (CoOp protocol, 16 shots) on bundled testbed sets with the bundled tiny CLIP.
 
 usage: python benchmarks/qprompt.py [--sets clutter drawings shapes] [--steps 300] [--seeds 0] [--smoke]
-Writes benchmarks/results/qprompt.json and qprompt.svg (HM against stored bytes). One thread.
+Writes benchmarks/results/qprompt.json and qprompt.png (HM against stored bytes). One thread.
 
 Training, splits and evaluation are those of benchmarks/rlp.py (imported, not copied): SGD momentum 0.9, weight decay
 5e-4, cosine, batch 32; base = first ceil(C/2) classes (trained), novel = the rest, each evaluated as its own problem,
@@ -25,7 +25,7 @@ from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peft import get_peft_model  # noqa: E402
-from plots import line_plot_svg  # noqa: E402
+from plots import qprompt_figure  # noqa: E402
 from rlp import TEMPLATE, load_model, train  # noqa: E402
 
 import peft_effadapt  # noqa: E402,F401
@@ -151,14 +151,7 @@ def main():
                 "bytes_fp16 counts fp32 tensors at 2 bytes as the paper does; storage_ratio = quantised bytes / "
                 "host fp16 bytes",
     })
-    groups = {"CoOp family": ["CoOp", "QCoOp 4b", "QCoOp 2b", "QCoOp 1b"], "RLP family": ["RLP", "QRLP 1b"],
-              "MaPLe family": ["MaPLe", "QMaPLe 4b"], "noise-CoOp": ["noise-CoOp"]}
-    series = {g: [(max(summary[m]["bytes_fp16"], 1), summary[m]["hm"]) for m in ms if m in summary]
-              for g, ms in groups.items()}
-    series = {g: pts for g, pts in series.items() if pts}
-    line_plot_svg(RESULTS / ("qprompt_smoke.svg" if args.smoke else "qprompt.svg"), series,
-                  xlabel="stored bytes (fp16 for unquantised tensors, log scale)", ylabel="HM (%)",
-                  title="tiny CLIP base-to-novel: HM vs stored bytes", log_x=True)
+    qprompt_figure({"summary": summary}, RESULTS / ("qprompt_smoke.png" if args.smoke else "qprompt.png"))
 
 
 if __name__ == "__main__":

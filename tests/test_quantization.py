@@ -7,13 +7,16 @@ import pytest
 import torch
 
 from peft_effadapt.quantization import (
+    KL_PER_LEVEL,
     GaussianNoise,
     KMeansQuantizer,
     RefitSchedule,
     UniformQuantizer,
     assign_nearest,
+    default_kl_threshold,
     kl_divergence,
     kmeans_1d,
+    normalize,
     pack_indices,
     packed_length,
     payload_bytes,
@@ -190,3 +193,35 @@ def test_noise_only_in_training():
     noise = GaussianNoise(0.1)
     assert torch.equal(noise(p, training=False).values, p)
     assert float(noise(p, training=True).values.std()) == pytest.approx(0.1, rel=0.15)
+
+
+def test_default_kl_threshold_scales_with_the_histogram_bins():
+    from peft_effadapt import QPromptConfig
+
+    assert [default_kl_threshold(b) for b in (1, 2, 4)] == [KL_PER_LEVEL, 3 * KL_PER_LEVEL, 15 * KL_PER_LEVEL]
+    assert KMeansQuantizer(2).kl_threshold == default_kl_threshold(2)
+    assert KMeansQuantizer(2, kl_threshold=0.02).kl_threshold == 0.02
+    assert QPromptConfig(bits=1).kl_threshold == default_kl_threshold(1)  # resolved, so the saved config says it
+    assert QPromptConfig(bits=4, kl_threshold=0.02).kl_threshold == 0.02
+    assert QPromptConfig(quantizer="noise").kl_threshold is None
+    with pytest.raises(ValueError, match="kl_threshold must be a number >= 0"):
+        QPromptConfig(bits=1, kl_threshold=-1.0)
+
+
+def test_one_bit_codebook_refits_on_a_small_histogram_drift_at_the_default():
+    """4 % of the weights cross the 1-bit boundary (KL ~ 1e-3): the default threshold refits at t_min, the former
+    fixed 0.02 never would (1-bit histograms hardly move under z-scoring: spec b.6's rule then never fires)."""
+    p = torch.randn(4096, generator=torch.Generator().manual_seed(0))
+    moved = p.clone()
+    order = torch.argsort(p.abs())
+    crossing = order[(p[order] > 0)][:164]  # the 164 smallest positive entries (4 %) cross to the negative side
+    moved[crossing] = -moved[crossing]
+    for threshold, expected in ((None, 1), (0.02, 0)):
+        quantizer = KMeansQuantizer(1, t_min=5, kl_threshold=threshold)
+        quantizer(p, training=True)
+        drift = quantizer.schedule.drift(normalize(moved)[0], quantizer.codebook)
+        assert default_kl_threshold(1) < drift < 0.02
+        for _ in range(5):
+            quantizer(moved, training=True)
+        assert quantizer.refits == expected, threshold
+

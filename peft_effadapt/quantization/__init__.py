@@ -14,9 +14,10 @@ from .quantizers import (
     normalize,
     straight_through,
 )
-from .schedule import RefitSchedule, index_histogram, kl_divergence
+from .schedule import KL_PER_LEVEL, RefitSchedule, default_kl_threshold, index_histogram, kl_divergence
 
 __all__ = [
+    "KL_PER_LEVEL",
     "REFIT_MODES",
     "GaussianNoise",
     "Identity",
@@ -26,6 +27,7 @@ __all__ = [
     "UniformQuantizer",
     "assign_nearest",
     "check_bits",
+    "default_kl_threshold",
     "index_histogram",
     "kl_divergence",
     "kmeans_1d",

@@ -14,7 +14,7 @@ import torch
 
 from .kmeans import assign_nearest, kmeans_1d
 from .packing import check_bits
-from .schedule import RefitSchedule
+from .schedule import RefitSchedule, default_kl_threshold
 
 REFIT_MODES = ("cac", "always", "never")
 
@@ -58,7 +58,7 @@ class KMeansQuantizer:
     """b-bit K-means codebook quantiser with constrained adaptive clustering (spec b.5, b.6).
 
     `refit`: 'cac' (default: refit after `t_min` steps when KL(current || cached) of the index histograms exceeds
-    `kl_threshold`), 'always' (every training step: the ablation the paper argues against), 'never' (one fit).
+    `kl_threshold`, by default `default_kl_threshold(bits)` = 3e-4 * (2**bits - 1)), 'always' (every training step: the ablation the paper argues against), 'never' (one fit).
     `normalize=False` fits the codebook to the raw weights (the "K-means only" ablation). The first fit happens at the
     first call; later fits warm-start from the previous codebook. Only calls with `training=True` advance the step.
     """
@@ -67,7 +67,7 @@ class KMeansQuantizer:
     normalize: bool = True
     refit: str = "cac"
     t_min: int = 20
-    kl_threshold: float = 0.02
+    kl_threshold: float | None = None  # None: default_kl_threshold(bits)
     eps: float = 1e-8
     max_iter: int = 100
     tol: float = 1e-6
@@ -79,6 +79,8 @@ class KMeansQuantizer:
         check_bits(self.bits)
         if self.refit not in REFIT_MODES:
             raise ValueError(f"refit must be one of {REFIT_MODES}, got {self.refit!r}.")
+        if self.kl_threshold is None:
+            self.kl_threshold = default_kl_threshold(self.bits)
         if self.schedule is None:
             self.schedule = RefitSchedule(self.t_min, self.kl_threshold, self.eps)
 

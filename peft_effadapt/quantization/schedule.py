@@ -23,6 +23,18 @@ def kl_divergence(q: torch.Tensor, p: torch.Tensor) -> float:
     return float((q * (q / p).log()).sum())
 
 
+# CAC threshold per degree of freedom of the index histogram (2**bits - 1): the drift KL(current || cached) of a
+# 2**bits-bin histogram grows with the bin count (median over 300 QCoOp steps on the testbed: 6.2e-4 at 1 bit,
+# 3.4e-3 at 2, 1.2e-2 at 4; benchmarks/results/qprompt_refits.json), so one fixed threshold either never refits
+# low-bit codebooks (0.02: 0 refits in 300 steps at 1 and 2 bits) or refits high-bit ones at every eligible step.
+KL_PER_LEVEL = 3e-4
+
+
+def default_kl_threshold(bits: int) -> float:
+    """The default CAC threshold for a `bits`-bit codebook: KL_PER_LEVEL * (2**bits - 1) [design]."""
+    return KL_PER_LEVEL * (2**bits - 1)
+
+
 @dataclass
 class RefitSchedule:
     """State and rule of CAC for one tensor. `step` counts training steps (calls of `should_refit`)."""

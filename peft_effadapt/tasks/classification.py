@@ -11,6 +11,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.utils import ModelOutput
 
+from ..metrics import load_metric
 from ..prompting import ContextPromptLayer, active_prompt_config, placeholder_prompt_ids, template_prompt_ids
 from ..prompting.text import PromptBatch, pad_rows
 from .clip import clip_of
@@ -221,12 +222,11 @@ class CLIPZeroShotClassifier(nn.Module):
 
 # -- CoOp-protocol evaluation -----------------------------------------------------------------------------------------
 def accuracy(predictions, references) -> float:
-    """Top-1 accuracy in percent. Computed directly: `evaluate.load("accuracy")` fetches its script from the Hub,
-    which is not reachable offline; the formula is the same (mean of exact matches)."""
+    """Top-1 accuracy in percent, by the package's `evaluate` module `top1_accuracy` (offline)."""
     predictions, references = np.asarray(predictions), np.asarray(references)
     if predictions.shape != references.shape:
         raise ValueError(f"{predictions.shape[0]} predictions for {references.shape[0]} references.")
-    return float((predictions == references).mean() * 100.0) if len(references) else 0.0
+    return load_metric("top1_accuracy").compute(predictions=predictions, references=references)["accuracy"]
 
 
 def harmonic_mean(base: float, novel: float) -> float:
@@ -241,27 +241,36 @@ def _dataset_class_names(dataset, label_column: str) -> list[str]:
     return list(names)
 
 
-def dataset_accuracy(classifier: CLIPZeroShotClassifier, dataset, to_pixel_values: Callable, *,
-                     label_column: str = "label", image_column: str = "image", batch_size: int = 256) -> float:
-    """Accuracy (%) of `classifier` on a datasets.Dataset, with the dataset's own ClassLabel names as classes."""
+def _dataset_predictions(classifier: CLIPZeroShotClassifier, dataset, to_pixel_values: Callable, label_column: str,
+                         image_column: str, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     classifier.set_class_names(_dataset_class_names(dataset, label_column))
     images = dataset.with_format("numpy")[:][image_column]
     labels = np.asarray(dataset[label_column])
     preds = []
     for start in range(0, len(labels), batch_size):
         preds.append(classifier.predict(to_pixel_values(images[start:start + batch_size])).cpu().numpy())
-    return accuracy(np.concatenate(preds) if preds else np.zeros(0), labels)
+    return (np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)), labels
+
+
+def dataset_accuracy(classifier: CLIPZeroShotClassifier, dataset, to_pixel_values: Callable, *,
+                     label_column: str = "label", image_column: str = "image", batch_size: int = 256) -> float:
+    """Accuracy (%) of `classifier` on a datasets.Dataset, with the dataset's own ClassLabel names as classes."""
+    return accuracy(*_dataset_predictions(classifier, dataset, to_pixel_values, label_column, image_column,
+                                          batch_size))
 
 
 def evaluate_base_to_novel(classifier: CLIPZeroShotClassifier, base_test, novel_test, to_pixel_values: Callable, *,
                            label_column: str = "label", image_column: str = "image",
                            batch_size: int = 256) -> dict[str, float]:
     """CoOp base-to-novel protocol: accuracy on the base test split with only the base class names, on the novel
-    test split with only the novel class names (two separate problems), and their harmonic mean (all in %)."""
-    kwargs = dict(label_column=label_column, image_column=image_column, batch_size=batch_size)
-    base = dataset_accuracy(classifier, base_test, to_pixel_values, **kwargs)
-    novel = dataset_accuracy(classifier, novel_test, to_pixel_values, **kwargs)
-    return {"base": base, "novel": novel, "hm": harmonic_mean(base, novel)}
+    test split with only the novel class names (two separate problems), and their harmonic mean (all in %), by the
+    package's `evaluate` module `base_to_novel`."""
+    args = (to_pixel_values, label_column, image_column, batch_size)
+    (base_pred, base_ref), (novel_pred, novel_ref) = (_dataset_predictions(classifier, split, *args)
+                                                      for split in (base_test, novel_test))
+    return load_metric("base_to_novel").compute(
+        predictions=np.concatenate([base_pred, novel_pred]), references=np.concatenate([base_ref, novel_ref]),
+        novel=np.concatenate([np.zeros(len(base_ref), bool), np.ones(len(novel_ref), bool)]))
 
 
 def average_base_to_novel(results: Sequence[dict[str, float]]) -> dict[str, float]:

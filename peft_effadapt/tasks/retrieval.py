@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
+from ..metrics import load_metric
 from .classification import projected_features
 from .clip import clip_of
 
@@ -76,26 +77,14 @@ def symmetric_infonce(logits_per_text: torch.Tensor) -> torch.Tensor:
     return (loss_t2v + loss_v2t) / 2
 
 
-def _ranks(similarity: np.ndarray) -> np.ndarray:
-    """1-based rank of the true item (the diagonal) in every row; ties count in the query's favour."""
-    return (similarity > np.diag(similarity)[:, None]).sum(1) + 1
-
-
 def retrieval_metrics(similarity) -> dict[str, float]:
     """R@1/5/10 (%), MdR, MnR and R-Sum = R@1 + R@5 + R@10 for text->video (rows of `similarity`, texts × videos,
-    pair i is the truth) and video->text (columns), keys prefixed 't2v_' / 'v2t_'."""
+    pair i is the truth) and video->text (columns), keys prefixed 't2v_' / 'v2t_': the package's `evaluate` module
+    `text_video_retrieval`."""
     sim = similarity.detach().float().cpu().numpy() if torch.is_tensor(similarity) else np.asarray(similarity)
     if sim.ndim != 2 or sim.shape[0] != sim.shape[1]:
         raise ValueError(f"similarity must be a square texts × videos matrix, got shape {sim.shape}.")
-    out = {}
-    for prefix, matrix in (("t2v", sim), ("v2t", sim.T)):
-        ranks = _ranks(matrix)
-        recalls = {k: float((ranks <= k).mean() * 100) for k in (1, 5, 10)}
-        out.update({f"{prefix}_R@{k}": v for k, v in recalls.items()})
-        out[f"{prefix}_MdR"] = float(np.median(ranks))
-        out[f"{prefix}_MnR"] = float(ranks.mean())
-        out[f"{prefix}_R-Sum"] = sum(recalls.values())
-    return out
+    return load_metric("text_video_retrieval").compute(predictions=sim, references=np.arange(len(sim)))
 
 
 class CLIPVideoRetrieval(nn.Module):

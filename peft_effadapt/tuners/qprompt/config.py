@@ -6,7 +6,7 @@ from typing import Literal
 from peft.utils import PeftType
 
 from ...prompting import ContextPromptConfig
-from ...quantization import REFIT_MODES
+from ...quantization import REFIT_MODES, default_kl_threshold
 
 HOSTS = ("coop", "rlp", "maple")
 QUANTIZERS = ("kmeans", "uniform", "noise", "none")
@@ -63,8 +63,10 @@ class QPromptConfig(ContextPromptConfig):
         default="cac", metadata={"help": "Codebook refits: 'cac' (constrained adaptive clustering), 'always', 'never'."}
     )
     t_min: int = field(default=20, metadata={"help": "CAC minimum number of training steps between fits [design]."})
-    kl_threshold: float = field(
-        default=0.02, metadata={"help": "CAC threshold on KL(current || cached) of the index histograms [design]."}
+    kl_threshold: float | None = field(
+        default=None,
+        metadata={"help": "CAC threshold on KL(current || cached) of the index histograms; None: 3e-4 * (2**bits - 1), "
+                  "set from `bits` at creation (a fixed 0.02 never refits 1-2 bit codebooks) [design]."}
     )
     kl_eps: float = field(default=1e-8, metadata={"help": "Added to histogram fractions before the KL [design]."})
     kmeans_max_iter: int = field(default=100, metadata={"help": "Lloyd iterations at most per fit [design]."})
@@ -107,8 +109,13 @@ class QPromptConfig(ContextPromptConfig):
             self.quantize_tensors = names
         if not isinstance(self.t_min, int) or self.t_min < 0:
             raise ValueError(f"t_min must be an int >= 0, got {self.t_min!r}.")
-        if not isinstance(self.kl_threshold, (int, float)) or self.kl_threshold < 0:
-            raise ValueError(f"kl_threshold must be >= 0, got {self.kl_threshold!r}.")
+        if self.kl_threshold is None and self.quantizer == "kmeans":
+            self.kl_threshold = default_kl_threshold(self.bits)
+        if self.kl_threshold is not None and (
+                not isinstance(self.kl_threshold, (int, float)) or isinstance(self.kl_threshold, bool)
+                or self.kl_threshold < 0):
+            raise ValueError(f"kl_threshold must be a number >= 0 (or None for the bit-width default), got "
+                             f"{self.kl_threshold!r}.")
         if not isinstance(self.noise_std, (int, float)) or self.noise_std < 0:
             raise ValueError(f"noise_std must be >= 0, got {self.noise_std!r}.")
         if self.csc:
