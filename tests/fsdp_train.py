@@ -18,9 +18,9 @@ from peft import get_peft_model
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from method_cases import CASES  # noqa: E402
-
 from peft_effadapt.testing import tiny_pixel_values  # noqa: E402
+
+from method_cases import CASES  # noqa: E402
 
 STEPS, LR = 3, 0.5
 
