@@ -15,9 +15,8 @@ from peft import get_peft_model
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from method_cases import CASES  # noqa: E402
-
 from common import write_result  # noqa: E402
+from method_cases import CASES  # noqa: E402
 
 
 def explain(case, training: bool) -> dict:
