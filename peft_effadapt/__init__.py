@@ -10,7 +10,17 @@ called::
 
 from . import compat
 from .active import ActiveAdaptationLoop, ContrastiveActiveSampler, ImagePreprocess, LFTLConfig, VPATrainer
-from .pruning import CentripetalSGDCallback, ResRepCallback, load_slimmed, save_slimmed
+from .pruning import (
+    CentripetalSGDCallback,
+    CSGDConfig,
+    ResRepCallback,
+    ResRepConfig,
+    csgd_param_groups,
+    load_slimmed,
+    resrep_param_groups,
+    save_slimmed,
+    widths_for_flops,
+)
 from .tasks import (
     CLIPVideoRetrieval,
     CLIPZeroShotClassifier,
@@ -61,10 +71,15 @@ __all__ = [
     "retrieval_metrics",
     "zero_shot_pipeline_kwargs",
     # structured pruning: Trainer callbacks that slim a model, and the save/load pair for slimmed models
+    "CSGDConfig",
     "CentripetalSGDCallback",
     "ResRepCallback",
+    "ResRepConfig",
+    "csgd_param_groups",
     "load_slimmed",
+    "resrep_param_groups",
     "save_slimmed",
+    "widths_for_flops",
     # LFTL (active domain adaptation): config, query strategy, per-round Trainer, the loop that runs the rounds
     "ActiveAdaptationLoop",
     "ContrastiveActiveSampler",
