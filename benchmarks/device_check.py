@@ -341,7 +341,7 @@ def check_resrep(entry, device, sizes, small):
     ref_in, train_in = {"pixel_values": dc.pixels(sizes["ref_batch"], size)}, {
         "pixel_values": dc.pixels(sizes["train_batch"], size, seed=5)}
     cb = peft_effadapt.ResRepCallback(flops_target=0.9 if small else 0.5, lasso_strength=1e-2, mask_interval=1, warmup_steps=0,
-                                      begin_granularity=64, drop_masked_rows_on_convert=True)
+                                      begin_granularity=64, drop_masked_rows=True)
     cb.prepare(model, to(ref_in, device))
     cpu = copy.deepcopy(model).to("cpu")
     first = {}
@@ -354,10 +354,10 @@ def check_resrep(entry, device, sizes, small):
     first["grad"] = compare(grad_vector(model), grad_vector(cpu), "fp32_cross_device", norm=True)
     entry["step_fp32_vs_cpu"] = first
     del cpu
-    opt = torch.optim.SGD(pruning.build_resrep_param_groups(model, lr=0.01), lr=0.01, momentum=0.9)
+    opt = torch.optim.SGD(pruning.resrep_param_groups(model, lr=0.01), lr=0.01, momentum=0.9)
     entry["train_losses_bf16"] = _drive(model, cb, opt, to(train_in, device), device, sizes["train_steps"])
     entry["masked_flops_ratio"] = cb.masked_flops_ratio
-    plan = cb.convert()
+    plan = cb.slim()
     entry["conversion_error"] = cb.conversion_error
     entry["final_flops_ratio"] = cb.final_flops_ratio
     _slimmed_checks(entry, model, plan, ref_in, device)
@@ -365,17 +365,16 @@ def check_resrep(entry, device, sizes, small):
 
 def check_csgd(entry, device, sizes, small):
     import peft_effadapt
-    from peft_effadapt.pruning import csgd as csgd_module
 
     model = dc.resnet_model(small).to(device)
     size = 32 if small else 224
     ref_in, train_in = {"pixel_values": dc.pixels(sizes["ref_batch"], size)}, {
         "pixel_values": dc.pixels(sizes["train_batch"], size, seed=5)}
     cb = peft_effadapt.CentripetalSGDCallback(keep_ratio=0.5, centripetal_strength=3e-3, kmeans_n_init=1)
-    opt = csgd_module.csgd_optimizer(model, lr=0.01)
+    opt = torch.optim.SGD(peft_effadapt.csgd_param_groups(model, lr=0.01), lr=0.01, momentum=0.9, nesterov=True)
     entry["train_losses_bf16"] = _drive(model, cb, opt, to(train_in, device), device, sizes["train_steps"])
     entry["deviation"] = cb.deviation()
-    plan = cb.trim(model, to(ref_in, device), check=False)  # a few steps cannot converge the clusters
+    plan = cb.slim(model, to(ref_in, device), check=False)  # a few steps cannot converge the clusters
     _slimmed_checks(entry, model, plan, ref_in, device)
 
 
