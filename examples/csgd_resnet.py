@@ -17,17 +17,6 @@ did not change; then it saves the slimmed model with its plan and reloads it wit
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
-import numpy as np
-import torch
-from datasets import Dataset
-from transformers import Trainer, TrainingArguments
-
-import peft_effadapt  # noqa: F401
-from peft_effadapt.pruning import count_flops, load_slimmed
-from peft_effadapt.pruning.csgd import CentripetalSGDCallback, widths_for_flops
-from peft_effadapt.testing import classifier_accuracy, dataset_images, load_tiny_resnet, make_domain_dataset
 
 
 def parse_args(argv=None):
@@ -42,6 +31,22 @@ def parse_args(argv=None):
     parser.add_argument("--output-dir", default="csgd_out")
     parser.add_argument("--threads", type=int, default=1)
     return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and argument errors answer here, before the heavy imports below
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset
+from transformers import Trainer, TrainingArguments
+
+import peft_effadapt  # noqa: F401
+from peft_effadapt.pruning import count_flops, load_slimmed
+from peft_effadapt.pruning.csgd import CentripetalSGDCallback, widths_for_flops
+from peft_effadapt.testing import classifier_accuracy, dataset_images, load_tiny_resnet, make_domain_dataset
 
 
 def main(argv=None):

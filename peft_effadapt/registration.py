@@ -6,6 +6,7 @@ the way the enum machinery itself creates them, and (2) register config and tune
 ``register_peft_method``. Both steps are idempotent: importing ``peft_effadapt`` twice, reloading it, or
 registering the same classes again is a no-op; a conflicting registration is a clear error. (3) peft's JSON reader
 for adapter configs is wrapped so that a damaged or hostile adapter_config.json is a ValueError naming the file.
+(4) ``PeftModel.__init__`` is wrapped to silence one deprecation warning peft 0.21 triggers in transformers 5.2x.
 """
 
 from __future__ import annotations
@@ -137,6 +138,35 @@ def _guard_config_reader() -> None:
     PeftConfigMixin.from_json_file = classmethod(from_json_file)
 
 
+# The exact message transformers >= 5.2x emits when `is_gradient_checkpointing` (deprecated alias) is read.
+_CHECKPOINTING_ALIAS_WARNING = r"`is_gradient_checkpointing` is deprecated"
+
+
+def _quiet_checkpointing_probe() -> None:
+    """peft 0.21's ``PeftModel.__init__`` reads ``model.is_gradient_checkpointing``, which transformers >= 5.2x
+    deprecated in favour of ``is_activation_checkpointing`` (same value), so every ``get_peft_model`` and
+    ``PeftModel.from_pretrained`` (any PEFT type, LoRA too) printed a FutureWarning the user cannot act on. The
+    wrapper ignores that one message while peft's constructor runs; anything else warns as before. Idempotent."""
+    import functools
+    import warnings
+
+    from peft import PeftModel
+
+    current = PeftModel.__init__
+    if getattr(current, "_peft_effadapt_guard", False):
+        return
+
+    @functools.wraps(current)
+    def __init__(self, *args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_CHECKPOINTING_ALIAS_WARNING, category=FutureWarning)
+            current(self, *args, **kwargs)
+
+    __init__._peft_effadapt_guard = True
+    PeftModel.__init__ = __init__
+
+
 for _name in PEFT_TYPE_NAMES:
     add_peft_type(_name)
 _guard_config_reader()
+_quiet_checkpointing_probe()
