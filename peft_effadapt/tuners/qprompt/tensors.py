@@ -180,6 +180,18 @@ class QuantizedTensors(nn.Module):
                 keys[name] = shape
         return keys
 
+    def decoded_latents(self, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """For each quantised tensor stored without its latent (`save_latents=False`, the default): the latent as
+        codebook[indices], the value the layer pins at its first use anyway, so that loading sees no missing key."""
+        out = {}
+        for name in self.quantizers if self.codebook_form else ():
+            if name in stored or name + INDICES not in stored:
+                continue
+            latent = getattr(self, name)
+            indices = unpack_indices(stored[name + INDICES].cpu(), self.bits, latent.numel()).reshape(latent.shape)
+            out[name] = stored[name + CODEBOOK].float().cpu()[indices].to(latent.dtype)
+        return out
+
     def check_stored(self, stored: dict[str, torch.Tensor], where: str) -> None:
         """Raises ValueError naming the first missing, unexpected, mis-shaped or invalid stored tensor (keys without
         the layer prefix); touches nothing."""
