@@ -5,7 +5,7 @@ every per-channel tensor of the group's producers (kernel, conv/linear bias, BN 
 `A.G + (eta.I + eps.(I - A)).P` (`csgd_update.centripetal_gradient`), which makes the members of a cluster
 identical. At the end of training the model is trimmed without loss: one channel per cluster is kept and every
 consumer's input slices of the removed members are added onto the kept one (a `SlimmingPlan` with `clusters`).
-Spec: `../shared/papers/csgd.md`.
+Method notes: docs/csgd.md.
 
 Usage::
 
