@@ -1,6 +1,6 @@
 """ResRep on the bundled tiny ResNet: train with compactors under `transformers.Trainer`, slim at the end, reload.
 
-    python examples/resrep_resnet.py                      # 70 % FLOPs, 300 steps (1-2 minutes on one core)
+    python examples/resrep_resnet.py                      # 70 % FLOPs, 300 steps (runtime: benchmarks/runtimes.py)
     python examples/resrep_resnet.py --steps 60 --flops-target 0.8 --output-dir /tmp/resrep   # smoke run: too short
                                                           # for rows to decay, the conversion warning says by how much
 

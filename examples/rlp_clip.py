@@ -97,17 +97,16 @@ def adapter_bytes(model, folder: Path) -> int:
 
 def reading(scores: dict, rlp: str, n_test: int) -> str:
     zs, coop, ours = scores["zero-shot CLIP"], scores["CoOp"], scores[rlp]
-    one_image = 100 / n_test
+    delta = lambda s, k: f"{s[k] - zs[k]:+.1f}"  # noqa: E731
     if ours["hm"] > zs["hm"]:
-        verdict = (f"RLP beats zero-shot on HM ({ours['hm']:.1f} vs {zs['hm']:.1f}): base {ours['base'] - zs['base']:+.1f}, "
-                   f"novel {ours['novel'] - zs['novel']:+.1f}")
+        verdict = f"RLP beats zero-shot CLIP on HM ({ours['hm']:.1f} vs {zs['hm']:.1f}"
     else:
-        verdict = (f"RLP does NOT beat zero-shot on HM here ({ours['hm']:.1f} vs {zs['hm']:.1f}): base "
-                   f"{ours['base'] - zs['base']:+.1f}, novel {ours['novel'] - zs['novel']:+.1f}")
-    versus = "above" if ours["hm"] > coop["hm"] else "not above"
-    return (f"Reading: {verdict}; RLP is {versus} CoOp on HM ({coop['hm']:.1f}) with {ours['params']} vs "
-            f"{coop['params']} trained numbers. One seed, {n_test} test images per half (1 image = "
-            f"{one_image:.1f} points): gaps of a few points are within noise.")
+        verdict = f"RLP does NOT beat zero-shot CLIP on HM here ({ours['hm']:.1f} vs {zs['hm']:.1f}"
+    verdict += f"; base {delta(ours, 'base')}, novel {delta(ours, 'novel')})."
+    versus = "stays above" if ours["hm"] > coop["hm"] else "is not above"
+    return (f"Reading: {verdict} It {versus} CoOp (HM {coop['hm']:.1f}; base {delta(coop, 'base')}, novel "
+            f"{delta(coop, 'novel')}) with {ours['params']} vs {coop['params']} trained numbers. One seed, {n_test} "
+            f"test images per half (1 image = {100 / n_test:.1f} points): gaps of a few points are within noise.")
 
 
 def main(argv=None) -> None:
