@@ -26,6 +26,8 @@ def parse_args(argv=None):
     parser.add_argument("--model", default=None, help="a Hub CLIP, e.g. openai/clip-vit-base-patch16")
     parser.add_argument("--rank", type=int, default=1, help="RLP rank r (default 1)")
     parser.add_argument("--ctx-init", default="a photo of a", help="words the context starts from (n = their count)")
+    parser.add_argument("--init", default="zero", choices=["zero", "svd", "random"],
+                        help="RLP init: 'zero' (A = 0: starts as zero-shot CLIP), 'svd', 'random'")
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
@@ -129,7 +131,7 @@ def main(argv=None) -> None:
                                  "params": 0, "bytes": 0}}
     rlp = f"RLP r={args.rank}"
     configs = {"CoOp": CoOpConfig(ctx_init=args.ctx_init),
-               rlp: RLPConfig(ctx_init=args.ctx_init, rank=args.rank)}  # A = 0: starts as zero-shot CLIP
+               rlp: RLPConfig(ctx_init=args.ctx_init, rank=args.rank, init=args.init)}
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(args.output_dir or scratch)
         for name, config in configs.items():
