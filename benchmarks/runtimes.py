@@ -73,8 +73,8 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown commands {unknown}")
     data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    data["machine"] = {"cpu_cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                       "threads": "OMP_NUM_THREADS=1", "note": "a 2-core machine shared with other jobs; load = "
+    data["machine"] = {"cpu_cores": os.cpu_count(), "platform": platform.platform(),
+                       "python": platform.python_version(), "threads": "OMP_NUM_THREADS=1", "note": "a 2-core machine shared with other jobs; load = "
                        "1-minute load average before/after each command"}
     entries = data.setdefault("commands", {})
     for name in names:

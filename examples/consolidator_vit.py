@@ -5,7 +5,7 @@ Real checkpoint (GPU recommended; the paper's VTAB recipe uses lr 1e-3..1e-2, 10
     python examples/consolidator_vit.py --model google/vit-base-patch16-224-in21k --dataset cifar100 \
         --image-column img --label-column fine_label --epochs 10 --batch-size 64 --lr 1e-3 --bf16
 
-Bundled tiny ViT and a generated downstream set (no Hub; `python benchmarks/runtimes.py --only consolidator_vit_tiny` measures it):
+Bundled tiny ViT and a generated downstream set (no Hub; runtime: `benchmarks/runtimes.py`):
 
     python examples/consolidator_vit.py --tiny
 

@@ -1,6 +1,6 @@
 """Prune a ResNet with C-SGD (Centripetal SGD): train with the callback, trim losslessly, save and reload.
 
-Bundled tiny ResNet on the generated `source` shapes domain (no Hub; `python benchmarks/runtimes.py --only csgd_resnet` measures it):
+Bundled tiny ResNet on the generated `source` shapes domain (no Hub; runtime: `benchmarks/runtimes.py`):
 
     python examples/csgd_resnet.py --flops 0.5
 

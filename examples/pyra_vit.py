@@ -1,6 +1,6 @@
 """Adapt a ViT with PYRA (LoRA + token merging + re-activation), then deploy it merged.
 
-Bundled tiny ViT and a generated downstream set (no Hub; `python benchmarks/runtimes.py --only pyra_vit_tiny` measures it):
+Bundled tiny ViT and a generated downstream set (no Hub; runtime: `benchmarks/runtimes.py`):
 
     python examples/pyra_vit.py --tiny
 
