@@ -5,7 +5,7 @@ Real checkpoint (GPU recommended; the paper's VTAB recipe uses lr 1e-3..1e-2, 10
     python examples/consolidator_vit.py --model google/vit-base-patch16-224-in21k --dataset cifar100 \
         --image-column img --label-column fine_label --epochs 10 --batch-size 64 --lr 1e-3 --bf16
 
-Bundled tiny ViT and a generated downstream set (no Hub, a couple of minutes on a laptop CPU):
+Bundled tiny ViT and a generated downstream set (no Hub; runtime: `benchmarks/runtimes.py`):
 
     python examples/consolidator_vit.py --tiny
 
@@ -21,16 +21,6 @@ Several processes (Accelerate places devices; the Trainer handles DDP):
 from __future__ import annotations
 
 import argparse
-import os
-from pathlib import Path
-
-import numpy as np
-import torch
-from peft import PeftModel, get_peft_model
-from transformers import AutoModelForImageClassification, Trainer, TrainingArguments
-
-import peft_effadapt  # noqa: F401  (registers the PEFT types with peft)
-from peft_effadapt import ConsolidatorConfig
 
 
 def parse_args(argv=None):
@@ -54,6 +44,21 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cpu", action="store_true", help="train on CPU (gloo all-reduce under accelerate launch)")
     return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and argument errors answer here, before the heavy imports below
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import PeftModel, get_peft_model
+from transformers import AutoModelForImageClassification, Trainer, TrainingArguments
+
+import peft_effadapt  # noqa: F401  (registers the PEFT types with peft)
+from peft_effadapt import ConsolidatorConfig
 
 
 def load_tiny(args):

@@ -1,6 +1,6 @@
 """Prune a ResNet with C-SGD (Centripetal SGD): train with the callback, trim losslessly, save and reload.
 
-Bundled tiny ResNet on the generated `source` shapes domain (no Hub, a few minutes on a laptop CPU):
+Bundled tiny ResNet on the generated `source` shapes domain (no Hub; runtime: `benchmarks/runtimes.py`):
 
     python examples/csgd_resnet.py --flops 0.5
 
@@ -17,16 +17,6 @@ did not change; then it saves the slimmed model with its plan and reloads it wit
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
-import numpy as np
-import torch
-from datasets import Dataset
-from transformers import Trainer, TrainingArguments
-
-import peft_effadapt  # noqa: F401
-from peft_effadapt.pruning import CentripetalSGDCallback, count_flops, load_slimmed, widths_for_flops
-from peft_effadapt.testing import classifier_accuracy, dataset_images, load_tiny_resnet, make_domain_dataset
 
 
 def parse_args(argv=None):
@@ -41,6 +31,21 @@ def parse_args(argv=None):
     parser.add_argument("--output-dir", default="csgd_out")
     parser.add_argument("--threads", type=int, default=1)
     return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and argument errors answer here, before the heavy imports below
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset
+from transformers import Trainer, TrainingArguments
+
+import peft_effadapt  # noqa: F401
+from peft_effadapt.pruning import CentripetalSGDCallback, count_flops, load_slimmed, widths_for_flops
+from peft_effadapt.testing import classifier_accuracy, dataset_images, load_tiny_resnet, make_domain_dataset
 
 
 def main(argv=None):

@@ -15,13 +15,6 @@ under --output-dir; rerunning with the same directory continues without asking f
 from __future__ import annotations
 
 import argparse
-import tempfile
-
-import torch
-
-import peft_effadapt  # noqa: F401  (registers the PEFT types with peft)
-from peft_effadapt import ActiveAdaptationLoop, ImagePreprocess, LFTLConfig
-from peft_effadapt.testing import load_source_classifier, make_domain_dataset
 
 
 def parse_args(argv=None):
@@ -37,6 +30,18 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and argument errors answer here, before the heavy imports below
+
+import tempfile
+
+import torch
+
+import peft_effadapt  # noqa: F401  (registers the PEFT types with peft)
+from peft_effadapt import ActiveAdaptationLoop, ImagePreprocess, LFTLConfig
+from peft_effadapt.testing import load_source_classifier, make_domain_dataset
 
 
 def main(argv=None):

@@ -1,6 +1,6 @@
 """Adapt a ViT with PYRA (LoRA + token merging + re-activation), then deploy it merged.
 
-Bundled tiny ViT and a generated downstream set (no Hub, about a minute on a laptop CPU):
+Bundled tiny ViT and a generated downstream set (no Hub; runtime: `benchmarks/runtimes.py`):
 
     python examples/pyra_vit.py --tiny
 
@@ -17,6 +17,29 @@ and deploys `merge_and_unload()`: LoRA folded into q/k/v, token merging and the 
 from __future__ import annotations
 
 import argparse
+
+SETS = ("clutter", "colors", "drawings", "objects", "shapes", "textures")  # testing.CLASSIFICATION_SETS
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="bundled tiny ViT + generated data, no Hub access")
+    parser.add_argument("--model", default="google/vit-base-patch16-224-in21k")
+    parser.add_argument("--task", default="clutter", choices=sorted(SETS))
+    parser.add_argument("--schedule", default="low", help="'low', 'high', an int r, or comma-separated r per layer")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--pyra-lr", type=float, default=None)
+    parser.add_argument("--train-per-class", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and argument errors answer here, before the heavy imports below
+
 import tempfile
 
 import numpy as np
@@ -30,22 +53,6 @@ import peft_effadapt  # noqa: F401  (registers the PEFT types with peft)
 from peft_effadapt import PYRAConfig, pyra_param_groups
 from peft_effadapt.testing import CLASSIFICATION_SETS, make_classification_dataset, tiny_vit
 from peft_effadapt.testing.processing import ShapesImageProcessor, dataset_images
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="bundled tiny ViT + generated data, no Hub access")
-    parser.add_argument("--model", default="google/vit-base-patch16-224-in21k")
-    parser.add_argument("--task", default="clutter", choices=sorted(CLASSIFICATION_SETS))
-    parser.add_argument("--schedule", default="low", help="'low', 'high', an int r, or comma-separated r per layer")
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--pyra-lr", type=float, default=None)
-    parser.add_argument("--train-per-class", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=1)
-    return parser.parse_args(argv)
 
 
 def schedule_arg(text: str):

@@ -11,6 +11,24 @@ prompt is quantised in every forward (training and evaluation); the saved adapte
 from __future__ import annotations
 
 import argparse
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="shapes", help="a bundled set (shapes, clutter, drawings, ...) or, with "
+                        "--model, a Hub dataset with 'image' and 'label' columns")
+    parser.add_argument("--model", default=None, help="a Hub CLIP, e.g. openai/clip-vit-base-patch16")
+    parser.add_argument("--host", default="coop", choices=["coop", "rlp", "maple"])
+    parser.add_argument("--bits", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--output-dir", default=None)
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and argument errors answer here, before the heavy imports below
+
 import tempfile
 from pathlib import Path
 
@@ -31,19 +49,6 @@ from peft_effadapt.testing import (
     load_tiny_clip,
     make_classification_dataset,
 )
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="shapes", help="a bundled set (shapes, clutter, drawings, ...) or, with "
-                        "--model, a Hub dataset with 'image' and 'label' columns")
-    parser.add_argument("--model", default=None, help="a Hub CLIP, e.g. openai/clip-vit-base-patch16")
-    parser.add_argument("--host", default="coop", choices=["coop", "rlp", "maple"])
-    parser.add_argument("--bits", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--output-dir", default=None)
-    return parser.parse_args(argv)
 
 
 def load(args):

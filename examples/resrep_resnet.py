@@ -1,6 +1,6 @@
 """ResRep on the bundled tiny ResNet: train with compactors under `transformers.Trainer`, slim at the end, reload.
 
-    python examples/resrep_resnet.py                      # 70 % FLOPs, 300 steps (1-2 minutes on one core)
+    python examples/resrep_resnet.py                      # 70 % FLOPs, 300 steps (runtime: benchmarks/runtimes.py)
     python examples/resrep_resnet.py --steps 60 --flops-target 0.8 --output-dir /tmp/resrep   # smoke run: too short
                                                           # for rows to decay, the conversion warning says by how much
 
@@ -16,6 +16,25 @@ per layer.
 from __future__ import annotations
 
 import argparse
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--flops-target", type=float, default=0.7, help="remaining FLOPs fraction")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--lasso", type=float, default=0.05)
+    parser.add_argument("--compactor-momentum", type=float, default=0.9)
+    parser.add_argument("--round-to", type=int, default=None, help="keep widths at multiples (e.g. 8 or 16)")
+    parser.add_argument("--output-dir", default=None)
+    parser.add_argument("--threads", type=int, default=1)
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and argument errors answer here, before the heavy imports below
+
 import tempfile
 import warnings
 
@@ -41,17 +60,7 @@ def accuracy(model, data) -> float:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--flops-target", type=float, default=0.7, help="remaining FLOPs fraction")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=0.02)
-    parser.add_argument("--lasso", type=float, default=0.05)
-    parser.add_argument("--compactor-momentum", type=float, default=0.9)
-    parser.add_argument("--round-to", type=int, default=None, help="keep widths at multiples (e.g. 8 or 16)")
-    parser.add_argument("--output-dir", default=None)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    args = parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     output_dir = args.output_dir or tempfile.mkdtemp(prefix="resrep-")

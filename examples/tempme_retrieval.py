@@ -20,16 +20,6 @@ towers + 3 clip position embeddings).
 from __future__ import annotations
 
 import argparse
-import tempfile
-
-import torch
-from peft import PeftModel, get_peft_model
-from transformers import Trainer, TrainingArguments, set_seed
-
-import peft_effadapt  # noqa: F401  (registers TempMe with peft)
-from peft_effadapt import CLIPVideoRetrieval, TempMeConfig
-from peft_effadapt.tasks import encode_video_dataset
-from peft_effadapt.testing import load_tiny_clip, make_video_dataset
 
 
 def parse_args(argv=None):
@@ -41,6 +31,21 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--output-dir", default=None)
     return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and argument errors answer here, before the heavy imports below
+
+import tempfile
+
+import torch
+from peft import PeftModel, get_peft_model
+from transformers import Trainer, TrainingArguments, set_seed
+
+import peft_effadapt  # noqa: F401  (registers TempMe with peft)
+from peft_effadapt import CLIPVideoRetrieval, TempMeConfig
+from peft_effadapt.tasks import encode_video_dataset
+from peft_effadapt.testing import load_tiny_clip, make_video_dataset
 
 
 def load(args):

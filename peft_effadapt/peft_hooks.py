@@ -18,6 +18,7 @@ stay with their tuner.
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import sys
 import warnings
@@ -318,4 +319,30 @@ def undo_injection(model: nn.Module, adapter_name: str) -> None:
         getattr(model, "peft_config", {}).pop(adapter_name, None)
 
 
+# -- 6. PeftModel's constructor -----------------------------------------------------------------------------------
+_CHECKPOINTING_ALIAS_WARNING = r"`is_gradient_checkpointing` is deprecated"
+
+
+def quiet_checkpointing_probe() -> None:
+    """peft 0.21's ``PeftModel.__init__`` reads ``model.is_gradient_checkpointing``, which transformers >= 5.2x
+    deprecated in favour of ``is_activation_checkpointing`` (same value), so every ``get_peft_model`` and
+    ``PeftModel.from_pretrained`` (any PEFT type, LoRA too) printed a FutureWarning the user cannot act on. The
+    wrapper ignores that one message while peft's constructor runs; anything else warns as before. Idempotent."""
+    from peft import PeftModel
+
+    current = PeftModel.__init__
+    if getattr(current, "_peft_effadapt_guard", False):
+        return
+
+    @functools.wraps(current)
+    def __init__(self, *args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_CHECKPOINTING_ALIAS_WARNING, category=FutureWarning)
+            current(self, *args, **kwargs)
+
+    __init__._peft_effadapt_guard = True
+    PeftModel.__init__ = __init__
+
+
 guard_config_reader()
+quiet_checkpointing_probe()

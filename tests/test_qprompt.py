@@ -212,6 +212,24 @@ def test_baselines(quantizer, tmp_path):
     assert_fp32_close(logits(reloaded), expected)
 
 
+@pytest.mark.parametrize("host", ["coop", "rlp", "maple"])
+def test_reload_without_latents_reports_no_missing_keys(tmp_path, host):
+    """Latents are not saved by design: peft must not warn about them, and the load is still exact."""
+    import warnings
+
+    extra = dict(rlp_rank=1) if host == "rlp" else dict(prompt_depth=2) if host == "maple" else {}
+    model = get_peft_model(spec_clip(), qconfig(host=host, bits=2, **extra))
+    train(model, 3)
+    expected = logits(model.eval())
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reloaded = PeftModel.from_pretrained(spec_clip(), tmp_path).eval()
+        result = reloaded.load_adapter(tmp_path, adapter_name="again")
+    assert result.missing_keys == [] or not any(".again." in k for k in result.missing_keys), result.missing_keys
+    torch.testing.assert_close(logits(reloaded), expected, rtol=0, atol=1e-6)
+
+
 # RLP host ------------------------------------------------------------------------------------------------------
 def test_rlp_host_starts_as_zero_shot_and_stores_quantised_b(tmp_path):
     model = get_peft_model(spec_clip(), qconfig(host="rlp", bits=1, rlp_rank=1))

@@ -87,3 +87,33 @@ def test_loading_without_import_names_the_type_and_works_after_import(tmp_path):
     assert "CONSOLIDATOR" in out.splitlines()[0]
     assert out.splitlines()[-1] == "OK ConsolidatorConfig"
     assert peft.PeftConfig.from_pretrained(tmp_path).fc_groups == [16]
+
+
+def test_get_peft_model_does_not_warn_about_peft_s_checkpointing_probe(tmp_path):
+    """peft 0.21 reads the deprecated `is_gradient_checkpointing` in PeftModel.__init__; that one FutureWarning is
+    silenced there (for every PEFT type), while the user's own use of the deprecated name still warns."""
+    import warnings
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from peft_effadapt.testing import tiny_vit
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for config in (ConsolidatorConfig(), LoraConfig(target_modules=["q_proj"])):
+            model = get_peft_model(tiny_vit(), config)
+        model.save_pretrained(tmp_path)
+        PeftModel.from_pretrained(tiny_vit(), tmp_path)
+    assert PeftModel.__init__.__wrapped__ is not None
+    base = tiny_vit()
+    if hasattr(type(base), "is_activation_checkpointing"):  # transformers releases that deprecate the alias
+        with pytest.warns(FutureWarning, match="is_gradient_checkpointing"):
+            base.is_gradient_checkpointing  # noqa: B018
+
+
+def test_wrapping_peft_model_init_is_idempotent():
+    from peft import PeftModel
+
+    first = PeftModel.__init__
+    peft_hooks.quiet_checkpointing_probe()
+    assert PeftModel.__init__ is first

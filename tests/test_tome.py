@@ -269,6 +269,16 @@ def test_padding_mask_is_refused_clearly():
         model(pixel_values=pixels(), attention_mask=mask)
 
 
+def test_a_mask_that_masks_nothing_is_accepted():
+    """transformers materialises a no-padding mask in some paths (torch.compile); it changes nothing, so it is fine."""
+    model = tome(vit(attn_implementation="eager"), merge_schedule=8)
+    x = pixels()
+    with torch.no_grad():
+        expected = model(pixel_values=x).logits
+        got = model(pixel_values=x, attention_mask=torch.ones(3, 65)).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 def test_flash_and_flex_attention_are_refused():
     model = vit()
     model.config._attn_implementation = "flex_attention"

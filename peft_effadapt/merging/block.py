@@ -77,6 +77,12 @@ def block_attention(
     return attn_output, key
 
 
+def _attends_everywhere(mask: torch.Tensor) -> bool:
+    """True for a mask that masks nothing: all True (bool) or all 0 (additive float). A data-dependent check, so
+    under torch.compile it is a graph break before the first merging layer."""
+    return bool(mask.all()) if mask.dtype == torch.bool else bool((mask == 0).all())
+
+
 def residual_branch(block: nn.Module, layout: BlockLayout, branch: torch.Tensor, layer_scale: str | None):
     """What a residual branch adds, as the family's own layer does: dropout (ViT), or layer scale then drop-path
     (DINOv2)."""
@@ -113,6 +119,8 @@ def run_merging_block(
     input (default `hidden_states`)."""
     attn = getattr(block, layout.attention)
     check_attention(getattr(attn.config, "_attn_implementation", None), settings.method, f"layer {layer_name}")
+    if attention_mask is not None and _attends_everywhere(attention_mask):
+        attention_mask = None  # a materialised "no padding" mask (transformers builds one under torch.compile)
     if attention_mask is not None:
         raise ValueError(
             f"{settings.method} cannot use an attention/padding mask (layer {layer_name} received one): the mask is "

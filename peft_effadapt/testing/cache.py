@@ -11,7 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from datasets import Dataset, load_from_disk
-from datasets import utils as ds_tqdm
+
+from .quiet import no_progress_bars
 
 GENERATOR_VERSION = 3  # bump when rendering or captions change, so stale caches are not reused
 
@@ -33,13 +34,8 @@ def cached(name: str, params: dict, build: Callable[[], Dataset], cache: str | o
     path = cache_dir(cache) / f"{name}-{digest}"
     if not path.exists():
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-        was_disabled = ds_tqdm.are_progress_bars_disabled()
-        ds_tqdm.disable_progress_bars()
-        try:
+        with no_progress_bars():
             build().save_to_disk(str(tmp))
-        finally:
-            if not was_disabled:
-                ds_tqdm.enable_progress_bars()
         try:
             tmp.rename(path)  # atomic: a concurrent builder may have won the race; its copy is identical
         except OSError:

@@ -14,6 +14,7 @@ from transformers import (
 )
 
 from .processing import ShapesImageProcessor, ShapesProcessor
+from .quiet import no_progress_bars
 
 CHECKPOINT_ROOT = Path(__file__).resolve().parent / "checkpoints"
 _REQUIRED = ("config.json", "model.safetensors", "preprocessor_config.json")
@@ -37,7 +38,8 @@ def _check_dir(path: str | os.PathLike, extra: tuple[str, ...] = ()) -> Path:
 
 def _load(cls: type[PreTrainedModel], path: Path) -> PreTrainedModel:
     try:
-        model, info = cls.from_pretrained(str(path), output_loading_info=True)
+        with no_progress_bars():
+            model, info = cls.from_pretrained(str(path), output_loading_info=True)
     except Exception as err:  # noqa: BLE001 - transformers raises many types for a damaged file
         raise ValueError(f"checkpoint {path} could not be loaded as {cls.__name__}: {err}") from err
     bad = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}

@@ -6,6 +6,7 @@ import numpy as np
 from datasets import ClassLabel, Dataset
 
 from .data import class_names
+from .quiet import no_progress_bars
 
 
 def few_shot_split(dataset: Dataset, shots: int = 16, seed: int = 0, label_column: str = "label") -> Dataset:
@@ -41,8 +42,9 @@ def _subset(dataset: Dataset, names: list[str], keep: range, label_column: str) 
     part = dataset.select(rows)
     new_labels = (labels[rows] - keep.start).tolist()
     position = part.column_names.index(label_column)
-    part = part.remove_columns(label_column).add_column(
-        label_column, new_labels, feature=ClassLabel(names=[names[i] for i in keep]))
+    with no_progress_bars():  # add_column flattens the selection's index mapping with a bar per split
+        part = part.remove_columns(label_column).add_column(
+            label_column, new_labels, feature=ClassLabel(names=[names[i] for i in keep]))
     order = part.column_names[:-1]
     order.insert(position, label_column)
     return part.select_columns(order)

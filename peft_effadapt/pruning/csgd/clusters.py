@@ -1,5 +1,5 @@
 """Cluster formation for C-SGD: partitions of a layer's output channels into the clusters that training makes
-identical.
+identical (docs/csgd.md, "Clusters").
 
 A clustering is a list of sorted index lists, sorted by their smallest member, that partitions `range(n)`.
 Methods: `"kmeans"` (the official default: k-means on the flattened kernel rows), `"even"` (contiguous near-equal

@@ -1,4 +1,4 @@
-"""The centripetal gradient edit of C-SGD, as pure tensor functions.
+"""The centripetal gradient edit of C-SGD (docs/csgd.md, "Update rule"), as pure tensor functions.
 
 For a per-channel tensor P (rows = output channels: a kernel as D x K, a bias or BN gamma/beta as D x 1) with raw
 gradient G and cluster labels, the edited gradient is

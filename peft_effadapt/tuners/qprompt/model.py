@@ -79,23 +79,29 @@ class QPromptModel(DeepPromptTuner):
     def _decode(cls, model, adapter_name, state_dict):
         marker = ".qprompt_params."
         by_layer: dict[str, dict[str, torch.Tensor]] = {}
+        key_prefix: dict[str, str] = {}
         for key, value in state_dict.items():
             if marker in key:
                 layer_name, _, name = key.removeprefix(PEFT_PREFIX).partition(marker)
                 by_layer.setdefault(layer_name, {})[name] = value
+                key_prefix[layer_name] = key[: key.index(marker) + len(marker)]
             elif "." + cls.prefix in key or key.startswith(cls.prefix):
                 raise ValueError(
                     f"The QPrompt adapter file holds {key!r}, which is no QPrompt tensor of this model (they live "
                     "under '<text embeddings>.qprompt_params.'). It belongs to another model or config."
                 )
+        latents: dict[str, torch.Tensor] = {}  # latents not saved by design, decoded so peft reports none missing
         for layer_name, layer in unwrap_to_tuner_layers(model, QPromptLayer):
             if not layer.has_adapter(adapter_name):
                 continue
             layer_name = layer_name.removeprefix(PEFT_PREFIX)
-            layer.tensors(adapter_name).check_stored(by_layer.pop(layer_name, {}), layer_name)
+            stored = by_layer.pop(layer_name, {})
+            layer.tensors(adapter_name).check_stored(stored, layer_name)
+            latents.update({key_prefix[layer_name] + name: value
+                            for name, value in layer.tensors(adapter_name).decoded_latents(stored).items()})
         if by_layer:
             raise ValueError(
                 f"The QPrompt adapter file has tensors for modules the model does not adapt: {sorted(by_layer)[:5]}. "
                 "It belongs to another model or config."
             )
-        return state_dict
+        return {**state_dict, **latents}

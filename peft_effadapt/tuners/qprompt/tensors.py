@@ -137,7 +137,8 @@ class QuantizedTensors(nn.Module):
         # One CAC step per new latent value: a tensor read twice in one forward (MaPLe's ctx and deep prompts feed
         # both towers) or re-read without an optimizer step reuses its quantisation instead of advancing the schedule.
         last = self._last.get(name)
-        if last is not None and last[0] == training and torch.equal(last[1], latent.detach()):
+        if (last is not None and last[0] == training and last[1].device == latent.device
+                and torch.equal(last[1], latent.detach())):  # a model moved to another device quantises afresh
             return straight_through(latent, last[2])
         values = quantizer(latent, training).values
         self._last[name] = (training, latent.detach().clone(), values)
@@ -179,6 +180,18 @@ class QuantizedTensors(nn.Module):
             else:
                 keys[name] = shape
         return keys
+
+    def decoded_latents(self, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """For each quantised tensor stored without its latent (`save_latents=False`, the default): the latent as
+        codebook[indices], the value the layer pins at its first use anyway, so that loading sees no missing key."""
+        out = {}
+        for name in self.quantizers if self.codebook_form else ():
+            if name in stored or name + INDICES not in stored:
+                continue
+            latent = getattr(self, name)
+            indices = unpack_indices(stored[name + INDICES].cpu(), self.bits, latent.numel()).reshape(latent.shape)
+            out[name] = stored[name + CODEBOOK].float().cpu()[indices].to(latent.dtype)
+        return out
 
     def check_stored(self, stored: dict[str, torch.Tensor], where: str) -> None:
         """Raises ValueError naming the first missing, unexpected, mis-shaped or invalid stored tensor (keys without
