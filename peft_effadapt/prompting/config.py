@@ -29,8 +29,8 @@ class ContextPromptConfig(VerifiedAdapterFilesMixin, PeftConfig):
     target_modules: list[str] | str | None = field(
         default=None,
         metadata={
-            "help": "Name of the CLIP text embeddings module (a CLIPTextEmbeddings). None: found automatically "
-            "('text_model.embeddings' in CLIPModel, 'embeddings' in CLIPTextModel)."
+            "help": "Name of the text embeddings module (a CLIPTextEmbeddings or SiglipTextEmbeddings). None: found "
+            "automatically ('text_model.embeddings' in CLIPModel/SiglipModel, 'embeddings' in CLIPTextModel)."
         },
     )
     n_ctx: int | None = field(
