@@ -4,7 +4,7 @@ SigLIP) in the token embeddings of `text_model.embeddings`, input_ids untouched 
 into the position-embedding table where exact (unified context)."""
 
 from .config import ContextPromptConfig
-from .family import CLIP_TEXT, SIGLIP_TEXT, TextFamily, model_text_family, text_family
+from .family import CLIP_TEXT, SIGLIP_TEXT, TextFamily, text_family
 from .layer import ContextPromptLayer, PromptSlots, prompt_rows, write_context
 from .text import (
     PromptBatch,
@@ -21,7 +21,6 @@ __all__ = [
     "CLIP_TEXT",
     "SIGLIP_TEXT",
     "TextFamily",
-    "model_text_family",
     "text_family",
     "token_prompt_ids",
     "ContextPromptConfig",

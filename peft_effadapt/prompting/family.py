@@ -39,17 +39,3 @@ def text_family(module: nn.Module) -> TextFamily | None:
         module = module.get_base_layer()
     return next((family for cls, family in FAMILIES if isinstance(module, cls)), None)
 
-
-def family_of_start(context_start: int | None) -> TextFamily:
-    """The family whose context starts at `context_start` (None: CLIP, the layout of adapters saved before SigLIP)."""
-    if context_start is None:
-        return CLIP_TEXT
-    for _, family in FAMILIES:
-        if family.context_start == context_start:
-            return family
-    raise ValueError(f"context_start={context_start!r} matches no known text family (CLIP: 1, SigLIP: 0).")
-
-
-def model_text_family(model: nn.Module) -> TextFamily | None:
-    """The family of the (single) text embeddings module inside `model`, or None."""
-    return next((f for _, m in model.named_modules() if (f := text_family(m)) is not None), None)
