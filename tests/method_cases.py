@@ -212,3 +212,34 @@ CASES += [
         mergeable=False,
     ),
 ]
+
+
+# -- the prompt methods on SigLIP (issue 21): no BOS, context from position 0, prompts padded to max_length ---------
+from siglip_models import placeholder_inputs as _siglip_prompt_inputs  # noqa: E402
+from siglip_models import prompt_kwargs as _siglip_prompt_kwargs  # noqa: E402
+from siglip_models import tiny_siglip  # noqa: E402
+
+
+def _frozen_siglip():
+    """The base frozen as peft leaves it: SigLIP's vision pooling head (an nn.MultiheadAttention) takes another
+    matmul path when its weights require grad (torch's batch folding depends on requires_grad, even under no_grad),
+    which moves pooled features by 1 ulp; frozen, the plain and the adapted model run the same kernels."""
+    return tiny_siglip(seed=0).requires_grad_(False)
+
+
+CASES += [
+    MethodCase(
+        id="coop-siglip",
+        make_model=_frozen_siglip,
+        make_config=lambda **kw: CoOpConfig(**_siglip_prompt_kwargs(), **kw),
+        make_inputs=_siglip_prompt_inputs,
+        output=lambda out: out.logits_per_image,
+    ),
+    MethodCase(
+        id="rlp-siglip",
+        make_model=_frozen_siglip,
+        make_config=lambda **kw: RLPConfig(rank=2, lowrank_dropout=0.0, **_siglip_prompt_kwargs(), **kw),
+        make_inputs=_siglip_prompt_inputs,
+        output=lambda out: out.logits_per_image,
+    ),
+]

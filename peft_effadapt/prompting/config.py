@@ -1,4 +1,5 @@
-"""Fields every CLIP text-prompt method shares (CoOp, RLP, later QPrompt), and their token-id resolution."""
+"""Fields every CLIP/SigLIP text-prompt method shares (CoOp, RLP, QPrompt, CoCoOp, MaPLe), and their token-id
+resolution."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Literal
 from peft.config import PeftConfig
 
 from ..peft_hooks import VerifiedAdapterFilesMixin
+from .layer import PromptSlots
 
 CLASS_TOKEN_POSITIONS = ("end",)
 
@@ -16,7 +18,8 @@ CLASS_TOKEN_POSITIONS = ("end",)
 class ContextPromptConfig(VerifiedAdapterFilesMixin, PeftConfig):
     """Base of the configs of CLIP text-prompt methods: n learnable context rows written at n placeholder tokens
     right after BOS ("[BOS] X X X X {class}. [EOS]"), with the token ids kept so that the causal mask and EOS pooling
-    of the Hugging Face CLIP text tower are unchanged.
+    of the Hugging Face CLIP text tower are unchanged. On a `SiglipModel` the context starts at position 0 ("X X X X
+    {class}. </s>" padded to max_length: SigLIP has no BOS and pools the last position); `context_start` records it.
 
     Token ids are stored in the config (`ctx_init_token_ids`, `placeholder_token_id`), so a saved adapter reloads
     without a tokenizer. When they are missing, `resolve_tokens(tokenizer)` fills them in; otherwise the tuner loads a
@@ -26,8 +29,8 @@ class ContextPromptConfig(VerifiedAdapterFilesMixin, PeftConfig):
     target_modules: list[str] | str | None = field(
         default=None,
         metadata={
-            "help": "Name of the CLIP text embeddings module (a CLIPTextEmbeddings). None: found automatically "
-            "('text_model.embeddings' in CLIPModel, 'embeddings' in CLIPTextModel)."
+            "help": "Name of the text embeddings module (a CLIPTextEmbeddings or SiglipTextEmbeddings). None: found "
+            "automatically ('text_model.embeddings' in CLIPModel/SiglipModel, 'embeddings' in CLIPTextModel)."
         },
     )
     n_ctx: int | None = field(
@@ -60,6 +63,14 @@ class ContextPromptConfig(VerifiedAdapterFilesMixin, PeftConfig):
         metadata={
             "help": "Where the class name goes. Only 'end' (context right after BOS, the RLP and CoOp base-to-novel "
             "setting) is implemented; CoOp's 'middle'/'front' would move the context per class."
+        },
+    )
+    context_start: int | None = field(
+        default=None,
+        metadata={
+            "help": "Position of the first context token: 1 (after BOS, CLIP) or 0 (SigLIP, no BOS). None: derived "
+            "from the model's text tower at injection and stored, so a saved adapter reloads with the same layout "
+            "(adapters saved without it are CLIP's)."
         },
     )
     class_template_suffix: str = field(default=".", metadata={"help": "Text after the class name in each prompt."})
@@ -110,6 +121,11 @@ class ContextPromptConfig(VerifiedAdapterFilesMixin, PeftConfig):
                 f"class_token_position={self.class_token_position!r} is not supported; only 'end' is implemented "
                 "(context right after BOS)."
             )
+        if self.context_start is not None and (isinstance(self.context_start, bool)
+                                               or self.context_start not in (0, 1)):
+            raise ValueError(
+                f"context_start must be 1 (CLIP, after BOS), 0 (SigLIP, no BOS) or None, got {self.context_start!r}."
+            )
         if self.csc and (not isinstance(self.num_classes, int) or self.num_classes < 1):
             raise ValueError(f"csc=True needs num_classes (a positive int), got {self.num_classes!r}.")
         if not isinstance(self.init_std, (int, float)) or self.init_std <= 0:
@@ -120,6 +136,11 @@ class ContextPromptConfig(VerifiedAdapterFilesMixin, PeftConfig):
         return self.placeholder_token_id is not None and (
             self.ctx_init is None or self.ctx_init_token_ids is not None
         )
+
+    def prompt_slots(self) -> PromptSlots:
+        """Where this adapter writes (context_start None: CLIP's layout)."""
+        start = 1 if self.context_start is None else self.context_start
+        return PromptSlots(self.n_ctx, self.placeholder_token_id, self.num_classes if self.csc else None, start)
 
     def resolve_tokens(self, tokenizer) -> ContextPromptConfig:
         """Fills `ctx_init_token_ids`, `n_ctx` and `placeholder_token_id` from a tokenizer; returns self."""

@@ -3,7 +3,8 @@
 Written as hooks that read the prompt tensors of a `DeepPromptLayer` (the text-embeddings layer of the adapter):
 
 - vision embeddings (after positional embeddings, before `pre_layrnorm`): append proj(ctx), m tokens;
-- text encoder layer i = 1..J-1 (input): positions 1..m of the prompt-format rows <- deep text prompt i;
+- text encoder layer i = 1..J-1 (input): the m context positions after BOS of the prompt-format rows <- deep
+  text prompt i;
 - vision encoder layer i = 1..J-1 (input): the last m tokens <- coupling_i(deep text prompt i).
 
 Layer 0 of the text tower gets the context through the embeddings (the layer itself). Every hook is the identity
@@ -65,7 +66,9 @@ def clip_parts(model: nn.Module) -> tuple[list[nn.Module], nn.Module, list[nn.Mo
     if not isinstance(model, CLIPModel) or text is None or vision is None:
         raise ValueError(
             f"MaPLe deep prompts need a CLIPModel (text and vision towers); got {type(model).__name__}. Supported "
-            "families: CLIPModel and its subclasses."
+            "families: CLIPModel and its subclasses. SigLIP is refused: its vision tower has no class token and pools "
+            "all tokens through an attention head, so MaPLe's appended visual prompts would enter the pooled image "
+            "feature, unlike MaPLe on CLIP (class-token pooling)."
         )
     return list(text.encoder.layers), vision.embeddings, list(vision.encoder.layers)
 
@@ -152,10 +155,10 @@ def install_hooks(layer: DeepPromptLayer, model: nn.Module) -> None:
             if name is None or rows is None or not bool(rows.any()):
                 return None
             hidden = _hidden(args, kwargs)
-            m = shape.n_ctx
+            start, end = layer.slots(name).start, layer.slots(name).start + shape.n_ctx
             prompt = layer.deep_value(name, f"deep_text_{i}").to(hidden.dtype)
-            mixed = torch.where(rows[:, None, None], prompt.expand(hidden.shape[0], -1, -1), hidden[:, 1:1 + m])
-            return _replace_hidden(args, kwargs, torch.cat([hidden[:, :1], mixed, hidden[:, 1 + m:]], dim=1))
+            mixed = torch.where(rows[:, None, None], prompt.expand(hidden.shape[0], -1, -1), hidden[:, start:end])
+            return _replace_hidden(args, kwargs, torch.cat([hidden[:, :start], mixed, hidden[:, end:]], dim=1))
         return hook
 
     def vision_embed_hook(module, args, output):

@@ -1,9 +1,11 @@
-"""The CLIP text-prompt layer: wraps `CLIPTextEmbeddings` and writes context rows at the placeholder positions.
+"""The text-prompt layer: wraps `CLIPTextEmbeddings` (or `SiglipTextEmbeddings`) and writes context rows at the
+placeholder positions.
 
-For a text row in prompt format (`input_ids[1:1+n] == placeholder`), the token embeddings at positions 1..n are
-replaced by the adapter's context; CLIP's own embeddings module then adds the positional embeddings. `input_ids`
-pass through unchanged, so the causal mask and the EOS pooling index of `CLIPTextModel` are those of the
-placeholder prompt. Rows not in prompt format are left untouched.
+For a text row in prompt format (`input_ids[s:s+n] == placeholder`, s = 1 after CLIP's BOS, 0 for SigLIP), the token
+embeddings at positions s..s+n-1 are replaced by the adapter's context; the model's own embeddings module then adds
+the positional embeddings. `input_ids` pass through unchanged, so the causal mask and the EOS pooling index of
+`CLIPTextModel` (SigLIP: last-position pooling) are those of the placeholder prompt. Rows not in prompt format are
+left untouched.
 
 Merging (unified context only): replacing `tok[X]` by `ctx_p` at position p equals adding `ctx_p - tok[X]` to row
 p of `position_embedding`, which is what `merge` does (exact for prompt-format rows; it also shifts every other text
@@ -23,11 +25,17 @@ from torch import nn
 
 @dataclass(frozen=True)
 class PromptSlots:
-    """Where one adapter writes: n context rows after BOS, in rows whose ids there equal the placeholder."""
+    """Where one adapter writes: n context rows from position `start` (1: after CLIP's BOS, 0: SigLIP), in rows
+    whose ids there equal the placeholder."""
 
     n_ctx: int
     placeholder_id: int
     num_classes: int | None = None  # set for class-specific context
+    start: int = 1
+
+    @property
+    def positions(self) -> slice:
+        return slice(self.start, self.start + self.n_ctx)
 
     @property
     def unified(self) -> bool:
@@ -35,20 +43,20 @@ class PromptSlots:
 
 
 def prompt_rows(input_ids: torch.Tensor, slots: PromptSlots) -> torch.Tensor:
-    """Bool per row: the row holds the placeholder at every position 1..n."""
-    if input_ids.shape[-1] < 1 + slots.n_ctx:
+    """Bool per row: the row holds the placeholder at every context position start..start+n-1."""
+    if input_ids.shape[-1] < slots.start + slots.n_ctx:
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    return (input_ids[:, 1 : 1 + slots.n_ctx] == slots.placeholder_id).all(dim=1)
+    return (input_ids[:, slots.positions] == slots.placeholder_id).all(dim=1)
 
 
 def write_context(embeds: torch.Tensor, input_ids: torch.Tensor, context: torch.Tensor,
                   slots: PromptSlots) -> torch.Tensor:
-    """Token embeddings with rows 1..n of every prompt-format row replaced by `context` ((n, d), or (C, n, d) for
+    """Token embeddings with context rows start..start+n-1 of every prompt-format row replaced by `context` ((n, d), or (C, n, d) for
     class-specific context, where the batch must be the C class prompts in class order)."""
     rows = prompt_rows(input_ids, slots)
     if not bool(rows.any()):
         return embeds
-    batch, n = embeds.shape[0], slots.n_ctx
+    batch, start, end = embeds.shape[0], slots.start, slots.start + slots.n_ctx
     context = context.to(embeds.dtype)
     if context.dim() == 2:
         context = context.unsqueeze(0).expand(batch, -1, -1)
@@ -57,12 +65,12 @@ def write_context(embeds: torch.Tensor, input_ids: torch.Tensor, context: torch.
             f"class-specific context holds {context.shape[0]} class contexts, so the text batch must be the "
             f"{context.shape[0]} class prompts in class order; got {batch} rows, {int(rows.sum())} in prompt format."
         )
-    mixed = torch.where(rows[:, None, None], context, embeds[:, 1 : 1 + n])
-    return torch.cat([embeds[:, :1], mixed, embeds[:, 1 + n :]], dim=1)
+    mixed = torch.where(rows[:, None, None], context, embeds[:, start:end])
+    return torch.cat([embeds[:, :start], mixed, embeds[:, end:]], dim=1)
 
 
 class ContextPromptLayer(nn.Module, BaseTunerLayer):
-    """Base layer around a `CLIPTextEmbeddings`. Subclasses own the adapter containers (named with their method
+    """Base layer around a `CLIPTextEmbeddings` or `SiglipTextEmbeddings`. Subclasses own the adapter containers (named with their method
     prefix) and implement `slots(name)`, `context(name)` and `has_adapter(name)`."""
 
     adapter_layer_names: tuple[str, ...] = ()
@@ -161,9 +169,10 @@ class ContextPromptLayer(nn.Module, BaseTunerLayer):
         finally:
             self.train(was_training)
         weight = self.position_embedding.weight
-        rows = slice(1, 1 + slots.n_ctx)
-        if weight.shape[0] < 1 + slots.n_ctx:
-            raise ValueError(f"the text tower has {weight.shape[0]} positions, fewer than 1 + n_ctx={slots.n_ctx}.")
+        rows = slots.positions
+        if weight.shape[0] < rows.stop:
+            raise ValueError(f"the text tower has {weight.shape[0]} positions, fewer than start {slots.start} + "
+                             f"n_ctx={slots.n_ctx}.")
         with torch.no_grad():
             placeholder = self.token_embedding.weight[slots.placeholder_id].float()
             original = weight.data[rows].clone()

@@ -1,10 +1,12 @@
-"""Token-id construction for CLIP text prompts: placeholder prompts, template prompts and their checks."""
+"""Token-id construction for CLIP and SigLIP text prompts: placeholder prompts, template prompts and their checks."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from .family import CLIP_TEXT, TextFamily
 
 
 def _squash(text: str) -> str:
@@ -46,13 +48,15 @@ def single_token_id(tokenizer, token: str) -> int:
     return int(ids[0])
 
 
-def special_ids(tokenizer) -> tuple[int, int, int]:
-    """(BOS, EOS, PAD) of a CLIP tokenizer; PAD falls back to EOS as in OpenAI CLIP."""
+def special_ids(tokenizer, family: TextFamily = CLIP_TEXT) -> tuple[int | None, int, int]:
+    """(BOS, EOS, PAD) of a CLIP tokenizer; PAD falls back to EOS as in OpenAI CLIP. SigLIP: BOS is None (its
+    tokenizer adds none, only EOS `</s>`)."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    if bos is None or eos is None:
-        raise ValueError(f"{type(tokenizer).__name__} has no BOS/EOS token; a CLIP tokenizer is needed.")
+    if (family.has_bos and bos is None) or eos is None:
+        raise ValueError(f"{type(tokenizer).__name__} has no {'BOS/' if family.has_bos else ''}EOS token; a "
+                         f"{family.name} tokenizer is needed.")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    return int(bos), int(eos), int(pad)
+    return (int(bos) if family.has_bos else None), int(eos), int(pad)
 
 
 @dataclass
@@ -64,21 +68,31 @@ class PromptBatch:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
 
 
-def pad_rows(rows: list[list[int]], pad_id: int) -> PromptBatch:
-    length = max(len(r) for r in rows)
+def pad_rows(rows: list[list[int]], pad_id: int, *, max_length: int | None = None) -> PromptBatch:
+    """Rows padded with `pad_id`: to the longest row with a 0/1 attention mask (CLIP), or with `max_length` to that
+    length with every position attended (SigLIP, as its processor: `padding="max_length"`, no attention mask)."""
+    length = max_length or max(len(r) for r in rows)
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    mask = torch.full((len(rows), length), int(max_length is not None), dtype=torch.long)
     for i, row in enumerate(rows):
         ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         mask[i, : len(row)] = 1
     return PromptBatch(ids, mask)
 
 
+def _layout(body: list[list[int]], bos: int | None, eos: int, pad: int, class_names: list[str], max_length: int,
+            family: TextFamily) -> PromptBatch:
+    """`[BOS] body [EOS]` (SigLIP: `body </s>`), checked to fit and padded as the family expects."""
+    rows = [([bos] if family.has_bos else []) + ids + [eos] for ids in body]
+    _check_fits(rows, class_names, max_length)
+    return pad_rows(rows, pad, max_length=max_length if family.pad_to_max_length else None)
+
+
 def _check_fits(rows: list[list[int]], class_names: list[str], max_length: int) -> None:
     for name, row in zip(class_names, rows):
         if len(row) > max_length:
             raise ValueError(
-                f"class name {name!r} does not fit the text context: its prompt is {len(row)} tokens, the CLIP text "
+                f"class name {name!r} does not fit the text context: its prompt is {len(row)} tokens, the text "
                 f"tower has {max_length} positions. Shorten the class name."
             )
 
@@ -95,29 +109,40 @@ def placeholder_prompt_ids(
     eos_id: int | None = None,
     pad_id: int | None = None,
     max_length: int = 77,
+    family: TextFamily = CLIP_TEXT,
 ) -> PromptBatch:
-    """Rows `[BOS] X*n <class tokens> <suffix tokens> [EOS]` padded with PAD (CoOp's "X X X X {class}.").
+    """Rows `[BOS] X*n <class tokens> <suffix tokens> [EOS]` padded with PAD (CoOp's "X X X X {class}."); for
+    `family=SIGLIP_TEXT` rows `X*n <class tokens> <suffix tokens> </s>` padded to `max_length` (SigLIP's layout).
 
-    Built from ids, so the context always sits at positions 1..n whatever the tokenizer does with "X X X X".
-    Either a tokenizer or raw `class_token_ids` (with bos/eos/pad ids) must be given.
+    Built from ids, so the context always sits at positions 1..n (SigLIP: 0..n-1) whatever the tokenizer does with
+    "X X X X". Either a tokenizer or raw `class_token_ids` (with eos/pad ids, and bos_id for CLIP) must be given.
     """
     if tokenizer is not None:
-        bos, eos, pad = special_ids(tokenizer)
+        bos, eos, pad = special_ids(tokenizer, family)
         body = [list(tokenizer(name + suffix, add_special_tokens=False)["input_ids"]) for name in class_names]
     else:
-        if class_token_ids is None or bos_id is None or eos_id is None:
-            raise ValueError("placeholder_prompt_ids needs a tokenizer, or class_token_ids with bos_id and eos_id.")
+        if class_token_ids is None or eos_id is None or (family.has_bos and bos_id is None):
+            raise ValueError(f"placeholder_prompt_ids needs a tokenizer, or class_token_ids with "
+                             f"{'bos_id and ' if family.has_bos else ''}eos_id.")
         bos, eos, pad = bos_id, eos_id, eos_id if pad_id is None else pad_id
         body = [list(ids) for ids in class_token_ids]
-    rows = [[bos] + [placeholder_id] * n_ctx + ids + [eos] for ids in body]
-    _check_fits(rows, class_names, max_length)
-    return pad_rows(rows, pad)
+    return _layout([[placeholder_id] * n_ctx + ids for ids in body], bos, eos, pad, class_names, max_length, family)
 
 
-def template_prompt_ids(class_names: list[str], template: str, tokenizer, max_length: int = 77) -> PromptBatch:
-    """Rows `[BOS] template.format(class) [EOS]`: the zero-shot CLIP prompts."""
-    bos, eos, pad = special_ids(tokenizer)
-    rows = [[bos] + list(tokenizer(template.format(n), add_special_tokens=False)["input_ids"]) + [eos]
-            for n in class_names]
-    _check_fits(rows, class_names, max_length)
-    return pad_rows(rows, pad)
+def template_prompt_ids(class_names: list[str], template: str, tokenizer, max_length: int = 77,
+                        family: TextFamily = CLIP_TEXT) -> PromptBatch:
+    """Rows `[BOS] template.format(class) [EOS]`: the zero-shot CLIP prompts (SigLIP: `template.format(class) </s>`
+    padded to `max_length`)."""
+    bos, eos, pad = special_ids(tokenizer, family)
+    body = [list(tokenizer(template.format(n), add_special_tokens=False)["input_ids"]) for n in class_names]
+    return _layout(body, bos, eos, pad, class_names, max_length, family)
+
+
+def token_prompt_ids(class_names: list[str], class_token_ids: list[list[int]], prefix_ids: list[int],
+                     special: tuple[int | None, int, int], max_length: int,
+                     family: TextFamily = CLIP_TEXT) -> PromptBatch:
+    """Tokenizer-free zero-shot prompts: `[BOS] prefix class [EOS]` from ids (SigLIP: no BOS, padded to
+    `max_length`); `special` = (bos, eos, pad), bos unused for SigLIP."""
+    bos, eos, pad = special
+    return _layout([list(prefix_ids) + list(ids) for ids in class_token_ids], bos, eos, pad, class_names,
+                   max_length, family)

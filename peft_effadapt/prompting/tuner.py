@@ -1,36 +1,35 @@
-"""`BaseTuner` logic shared by the CLIP text-prompt methods: find the text embeddings, resolve token ids, validate
+"""`BaseTuner` logic shared by the CLIP/SigLIP text-prompt methods: find the text embeddings, resolve token ids, validate
 everything before the model is touched, swap the embeddings module, check adapter files before loading them."""
 
 from __future__ import annotations
 
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from torch import nn
-from transformers.models.clip.modeling_clip import CLIPTextEmbeddings
 
 from ..peft_hooks import ValidatedLoadMixin
 from ..targeting import unwrap_to_tuner_layers
 from .config import ContextPromptConfig
+from .family import text_family
 from .layer import ContextPromptLayer
 
 
 def _is_text_embeddings(module: nn.Module) -> bool:
-    """A CLIP text embeddings module (or a subclass of one): checked by class, never by class name."""
-    if isinstance(module, BaseTunerLayer):
-        module = module.get_base_layer()
-    return isinstance(module, CLIPTextEmbeddings)
+    """A CLIP or SigLIP text embeddings module (or a subclass of one): checked by class, never by class name."""
+    return text_family(module) is not None
 
 
 def find_text_embeddings(model: nn.Module, config: ContextPromptConfig, method: str) -> tuple[str, nn.Module]:
-    """(name, module) of the one CLIP text embeddings module the config targets; raises naming the model class when
-    the model has no CLIP text tower, and the value of target_modules when it matches nothing suitable."""
+    """(name, module) of the one CLIP/SigLIP text embeddings module the config targets; raises naming the model class
+    when the model has no such text tower, and the value of target_modules when it matches nothing suitable."""
     candidates = [
         (name, module) for name, module in model.named_modules()
         if name and ".base_layer" not in name and _is_text_embeddings(module)
     ]
     if not candidates:
         raise ValueError(
-            f"{method} needs a CLIP text tower: a CLIPModel, CLIPTextModel or CLIPTextModelWithProjection (or a "
-            f"subclass), i.e. a model with a CLIPTextEmbeddings module; {type(model).__name__} has none."
+            f"{method} needs a CLIP or SigLIP text tower: a CLIPModel, CLIPTextModel or CLIPTextModelWithProjection, "
+            f"a SiglipModel or SiglipTextModel (or a subclass), i.e. a model with a CLIPTextEmbeddings or "
+            f"SiglipTextEmbeddings module; {type(model).__name__} has none."
         )
     if config.target_modules is None:
         matched = candidates
@@ -40,12 +39,12 @@ def find_text_embeddings(model: nn.Module, config: ContextPromptConfig, method: 
         wrong = [(n, type(m).__name__) for n, m in matched if not _is_text_embeddings(m)]
         if wrong:
             raise TypeError(
-                f"{method} adapts the CLIP text embeddings only, but target_modules={config.target_modules!r} "
+                f"{method} adapts the CLIP/SigLIP text embeddings only, but target_modules={config.target_modules!r} "
                 f"matched {wrong[0][0]!r} ({wrong[0][1]})."
             )
         if not matched:
             raise ValueError(
-                f"target_modules={config.target_modules!r} matches no module of {type(model).__name__}; the CLIP "
+                f"target_modules={config.target_modules!r} matches no module of {type(model).__name__}; the "
                 f"text embeddings are at {[n for n, _ in candidates]}."
             )
     if len(matched) != 1:
@@ -102,10 +101,20 @@ class ContextPromptTuner(ValidatedLoadMixin, BaseTuner):
                 f"token ids {bad} of the {self.method_name} config are outside the text vocabulary (size {vocab}) "
                 f"of {type(model).__name__}: the ids come from another tokenizer."
             )
-        if 1 + config.n_ctx + 1 > positions:
+        family = text_family(embeddings)
+        if config.context_start is not None and config.context_start != family.context_start:
             raise ValueError(
-                f"n_ctx={config.n_ctx} context tokens plus BOS and EOS do not fit the {positions} text positions."
+                f"the {self.method_name} adapter was made for a text tower whose context starts at position "
+                f"{config.context_start}, but {type(model).__name__} is a {family.name} model (context at "
+                f"{family.context_start}): the adapter belongs to another model family."
             )
+        if family.context_start + config.n_ctx + 1 > positions:
+            raise ValueError(
+                f"n_ctx={config.n_ctx} context tokens plus {'BOS and ' if family.has_bos else ''}EOS do not fit the "
+                f"{positions} text positions of the {family.name} text tower."
+            )
+        if config.context_start is None and family.context_start != 1:
+            config.context_start = family.context_start  # stored: the saved adapter reloads with this layout
         self._validate(config, dim)
         if config.target_modules is None:
             config.target_modules = {name}
@@ -140,9 +149,10 @@ class ContextPromptTuner(ValidatedLoadMixin, BaseTuner):
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         super()._mark_only_adapters_as_trainable(model)
-        logit_scale = getattr(model, "logit_scale", None)  # spec pitfall: freeze CLIP's temperature explicitly
-        if isinstance(logit_scale, nn.Parameter):
-            logit_scale.requires_grad_(False)
+        for head in ("logit_scale", "logit_bias"):  # spec pitfall: freeze CLIP's temperature (SigLIP's bias) explicitly
+            param = getattr(model, head, None)
+            if isinstance(param, nn.Parameter):
+                param.requires_grad_(False)
 
     # -- inspection -----------------------------------------------------------------------------------------------
     def prompt_layer(self) -> ContextPromptLayer:

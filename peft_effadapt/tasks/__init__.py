@@ -1,4 +1,4 @@
-"""Task wrappers users call: CLIP zero-shot / prompt-learned classification and the CoOp evaluation protocol."""
+"""Task wrappers users call: CLIP (and SigLIP) zero-shot / prompt-learned classification and the CoOp evaluation protocol."""
 
 from .classification import (
     CLIPClassifierOutput,
@@ -8,6 +8,7 @@ from .classification import (
     dataset_accuracy,
     evaluate_base_to_novel,
     harmonic_mean,
+    sigmoid_loss,
 )
 from .pipeline import zero_shot_pipeline_kwargs
 from .retrieval import (
@@ -27,6 +28,7 @@ __all__ = [
     "dataset_accuracy",
     "evaluate_base_to_novel",
     "harmonic_mean",
+    "sigmoid_loss",
     "CLIPVideoRetrieval",
     "VideoRetrievalOutput",
     "encode_video_dataset",

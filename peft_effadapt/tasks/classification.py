@@ -1,4 +1,4 @@
-"""CLIP zero-shot / prompt-learned image classification: class names and a template in, logits out."""
+"""CLIP / SigLIP zero-shot and prompt-learned image classification: class names and a template in, logits out."""
 
 from __future__ import annotations
 
@@ -12,9 +12,17 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from ..metrics import load_metric
-from ..prompting import ContextPromptLayer, active_prompt_config, placeholder_prompt_ids, template_prompt_ids
-from ..prompting.text import PromptBatch, pad_rows
-from .clip import clip_of
+from ..prompting import (
+    CLIP_TEXT,
+    SIGLIP_TEXT,
+    ContextPromptLayer,
+    active_prompt_config,
+    placeholder_prompt_ids,
+    template_prompt_ids,
+    token_prompt_ids,
+)
+from ..prompting.text import PromptBatch
+from .clip import dual_encoder_of, is_siglip
 
 
 @dataclass
@@ -28,9 +36,15 @@ def projected_features(output) -> torch.Tensor:
     return output if torch.is_tensor(output) else output.pooler_output
 
 
+def sigmoid_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """SigLIP's loss on one-hot labels: -sum_c log sigmoid(z_ic * logits_ic), z = +1 for the label and -1 for every
+    other class, averaged over images (the formula of `SiglipModel(return_loss=True)`, images x classes)."""
+    signs = 2.0 * nn.functional.one_hot(labels, logits.shape[-1]).to(logits.dtype) - 1.0
+    return -nn.functional.logsigmoid(signs * logits).sum(dim=-1).mean()
+
 
 class CLIPZeroShotClassifier(nn.Module):
-    """Classifies images against a list of class names with a CLIP model.
+    """Classifies images against a list of class names with a CLIP or SigLIP model.
 
     - plain `CLIPModel` (or a PeftModel with its adapter disabled / of another method): prompts are
       `template.format(name)` (zero-shot CLIP);
@@ -39,13 +53,15 @@ class CLIPZeroShotClassifier(nn.Module):
       through the adapted model's forward).
 
     `forward(pixel_values, labels=None)` returns `loss` (cross-entropy) and `logits` = exp(logit_scale) * cos, so the
-    classifier trains under `transformers.Trainer`. Text features are cached in eval mode and recomputed whenever
+    classifier trains under `transformers.Trainer`. On a `SiglipModel` the head is SigLIP's own: `logits` =
+    exp(logit_scale) * cos + logit_bias and `loss` is its sigmoid loss on one-hot labels (`sigmoid_loss`); prompts
+    follow SigLIP's layout (no BOS, "X*n {name}{suffix} </s>" padded to max_length, no attention mask). Text features are cached in eval mode and recomputed whenever
     the class names, any text-tower or adapter parameter (in-place updates, loads), the active adapter, the
     disabled state or the merge state change.
 
     Tokenizer-free use (tests, custom vocabularies): pass `class_token_ids` (ids of "{name}{suffix}" per class),
     `template_token_ids` (ids of the template's words before the class, for the zero-shot prompts) and
-    `special_token_ids=(bos, eos, pad)`.
+    `special_token_ids=(bos, eos, pad)` (SigLIP: bos is ignored, give None).
     """
 
     def __init__(
@@ -60,7 +76,7 @@ class CLIPZeroShotClassifier(nn.Module):
         special_token_ids: tuple[int, int, int] | None = None,
     ) -> None:
         super().__init__()
-        clip_of(model, "CLIPZeroShotClassifier")
+        dual_encoder_of(model, "CLIPZeroShotClassifier")
         self.model = model
         self.tokenizer = tokenizer
         self.template = template
@@ -103,9 +119,17 @@ class CLIPZeroShotClassifier(nn.Module):
         self._cache = None
 
     @property
+    def clip(self) -> nn.Module:
+        """The CLIPModel or SiglipModel (the base model of a PeftModel)."""
+        return dual_encoder_of(self.model, type(self).__name__)
+
+    @property
     def max_length(self) -> int:
-        clip = clip_of(self.model, type(self).__name__)
-        return clip.config.text_config.max_position_embeddings
+        return self.clip.config.text_config.max_position_embeddings
+
+    @property
+    def family(self):
+        return SIGLIP_TEXT if is_siglip(self.clip) else CLIP_TEXT
 
     def _prompt_layer_active(self) -> bool:
         layers = [m for m in self.model.modules() if isinstance(m, ContextPromptLayer)]
@@ -120,21 +144,15 @@ class CLIPZeroShotClassifier(nn.Module):
             if self.tokenizer is not None and self.class_token_ids is None:
                 return placeholder_prompt_ids(self.class_names, config.n_ctx, config.placeholder_token_id,
                                               tokenizer=self.tokenizer, suffix=config.class_template_suffix,
-                                              max_length=self.max_length)
+                                              max_length=self.max_length, family=self.family)
             bos, eos, pad = self._special()
             return placeholder_prompt_ids(self.class_names, config.n_ctx, config.placeholder_token_id,
                                           class_token_ids=self.class_token_ids, bos_id=bos, eos_id=eos, pad_id=pad,
-                                          max_length=self.max_length)
+                                          max_length=self.max_length, family=self.family)
         if self.tokenizer is not None and self.class_token_ids is None:
-            return template_prompt_ids(self.class_names, self.template, self.tokenizer, self.max_length)
-        bos, eos, pad = self._special()
-        prefix = list(self.template_token_ids or [])
-        rows = [[bos] + prefix + list(ids) + [eos] for ids in self.class_token_ids]
-        for name, row in zip(self.class_names, rows):
-            if len(row) > self.max_length:
-                raise ValueError(f"class name {name!r} does not fit the text context ({len(row)} > "
-                                 f"{self.max_length} tokens).")
-        return pad_rows(rows, pad)
+            return template_prompt_ids(self.class_names, self.template, self.tokenizer, self.max_length, self.family)
+        return token_prompt_ids(self.class_names, self.class_token_ids, list(self.template_token_ids or []),
+                                self._special(), self.max_length, self.family)
 
     def _special(self) -> tuple[int, int, int]:
         if self.special_token_ids is None:
@@ -142,10 +160,14 @@ class CLIPZeroShotClassifier(nn.Module):
         return tuple(self.special_token_ids)
 
     # -- features -------------------------------------------------------------------------------------------------
+    def _text_params(self) -> list[torch.Tensor]:
+        """Text tower and projection (SigLIP's projection, `text_model.head`, is inside the text tower)."""
+        clip = self.clip
+        projection = getattr(clip, "text_projection", None)
+        return list(clip.text_model.parameters()) + (list(projection.parameters()) if projection is not None else [])
+
     def _state_key(self) -> tuple:
-        clip = clip_of(self.model, type(self).__name__)
-        params = tuple((id(p), p._version) for p in clip.text_model.parameters())
-        params += tuple((id(p), p._version) for p in clip.text_projection.parameters())
+        params = tuple((id(p), p._version) for p in self._text_params())
         layers = tuple(
             (m.disable_adapters, tuple(m.active_adapters), tuple(m.merged_adapters))
             for m in self.model.modules() if isinstance(m, BaseTunerLayer)
@@ -153,9 +175,7 @@ class CLIPZeroShotClassifier(nn.Module):
         return params, layers, id(self.class_token_ids), tuple(self.class_names), self.template
 
     def _trainable_text_params(self) -> list[torch.Tensor]:
-        clip = clip_of(self.model, type(self).__name__)
-        return [p for p in list(clip.text_model.parameters()) + list(clip.text_projection.parameters())
-                if p.requires_grad]
+        return [p for p in self._text_params() if p.requires_grad]
 
     def _cache_valid(self, key: tuple) -> bool:
         if self._cache is None or self._cache[0] != key:
@@ -173,8 +193,7 @@ class CLIPZeroShotClassifier(nn.Module):
         if use_cache and self._cache_valid(key):
             return self._cache[1]
         batch = self.prompts()
-        clip = clip_of(self.model, type(self).__name__)
-        device = clip.text_projection.weight.device
+        device = self._text_params()[-1].device
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.training):
             feats = projected_features(self.model.get_text_features(input_ids=batch.input_ids.to(device),
                                                            attention_mask=batch.attention_mask.to(device)))
@@ -196,17 +215,22 @@ class CLIPZeroShotClassifier(nn.Module):
             for m in self.model.modules() if isinstance(m, ContextPromptLayer))
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs) -> CLIPClassifierOutput:
-        clip = clip_of(self.model, type(self).__name__)
+        clip = self.clip
         if self._image_conditioned():
             batch = self.prompts()
-            device = clip.text_projection.weight.device
+            device = self._text_params()[-1].device
             logits = self.model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
                                 pixel_values=pixel_values).logits_per_image
         else:
             image = self.image_features(pixel_values)
             text = self.text_features().to(image.dtype)
             logits = clip.logit_scale.exp().to(image.dtype) * image @ text.T
-        loss = nn.functional.cross_entropy(logits, labels.to(logits.device)) if labels is not None else None
+            if is_siglip(clip):
+                logits = logits + clip.logit_bias.to(image.dtype)
+        loss = None
+        if labels is not None:
+            labels = labels.to(logits.device)
+            loss = sigmoid_loss(logits, labels) if is_siglip(clip) else nn.functional.cross_entropy(logits, labels)
         return CLIPClassifierOutput(loss=loss, logits=logits)
 
     @torch.no_grad()

@@ -52,7 +52,7 @@ class CoCoOpLayer(ContextPromptLayer):
         self.cocoop_ctx[adapter_name] = nn.Parameter(ctx.float())
         self.cocoop_meta_down[adapter_name] = down.float()
         self.cocoop_meta_up[adapter_name] = up.float()
-        self.cocoop_slots[adapter_name] = PromptSlots(n, config.placeholder_token_id)
+        self.cocoop_slots[adapter_name] = config.prompt_slots()
         self._move_to_base_device(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 

@@ -63,7 +63,8 @@ class CoCoOpModel(ContextPromptTuner):
         if not isinstance(model, CLIPModel):
             raise ValueError(
                 f"CoCoOp conditions the text prompt on image features, so it needs a CLIPModel (both towers; "
-                f"subclasses accepted); got {type(model).__name__}."
+                f"subclasses accepted); got {type(model).__name__}. SiglipModel is not supported: CoCoOp's "
+                f"conditioned forward builds CLIP's softmax head (exp(scale) * cos, no SigLIP bias or sigmoid loss)."
             )
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         self._route_forward(model)

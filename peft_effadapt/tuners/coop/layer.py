@@ -33,8 +33,7 @@ class CoOpLayer(ContextPromptLayer):
             if not config.init_weights:
                 ctx = ctx + torch.randn_like(ctx) * 0.5
         self.coop_ctx[adapter_name] = nn.Parameter(ctx.float())
-        self.coop_slots[adapter_name] = PromptSlots(n, config.placeholder_token_id,
-                                                    config.num_classes if config.csc else None)
+        self.coop_slots[adapter_name] = config.prompt_slots()
         self._move_to_base_device(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 

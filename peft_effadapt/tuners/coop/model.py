@@ -8,7 +8,8 @@ from .layer import CoOpLayer
 
 
 class CoOpModel(ContextPromptTuner):
-    """CoOp on a Hugging Face `CLIPModel`/`CLIPTextModel`: `get_peft_model(clip, CoOpConfig(...))`.
+    """CoOp on a Hugging Face `CLIPModel`/`CLIPTextModel` (or `SiglipModel`/`SiglipTextModel`, where the context
+    starts at position 0: "X X X X {class}. </s>" padded to max_length): `get_peft_model(clip, CoOpConfig(...))`.
 
     Feed text in placeholder format ("[BOS] X X X X {class}. [EOS]", see `peft_effadapt.CLIPZeroShotClassifier`);
     the context replaces the placeholders. Saved: `coop_ctx` only. `merge_and_unload` (unified context) returns a

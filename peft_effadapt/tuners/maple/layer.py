@@ -42,7 +42,7 @@ class MaPLeLayer(DeepPromptLayer):
         self.maple_prompts[adapter_name] = nn.ParameterDict({k: nn.Parameter(v.float()) for k, v in tensors.items()})
         self.maple_fixed[adapter_name] = fixed.float()
         self.maple_shape[adapter_name] = shape
-        self.maple_slots[adapter_name] = PromptSlots(config.n_ctx, config.placeholder_token_id)
+        self.maple_slots[adapter_name] = config.prompt_slots()
         self._move_to_base_device(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 

@@ -13,7 +13,9 @@ class MaPLeModel(DeepPromptTuner):
     Feed text in placeholder format ("[BOS] X X X X {class}. [EOS]", e.g. through
     `peft_effadapt.CLIPZeroShotClassifier`): the context (learned + fixed words) replaces the placeholders, deep text
     prompts and coupled visual prompts are written by hooks on both encoders. Saved: `maple_prompts` only. Not
-    mergeable (the visual prompts change the image encoder); `unload` returns the untouched CLIP.
+    mergeable (the visual prompts change the image encoder); `unload` returns the untouched CLIP. SigLIP is refused:
+    its vision tower pools every token through an attention head (no class token), so appended visual prompts would
+    enter the image feature.
     """
 
     prefix: str = "maple_"

@@ -75,7 +75,7 @@ class QPromptLayer(DeepPromptLayer):
         self.qprompt_params[adapter_name] = QuantizedTensors(tensors, config, config.host)
         self.qprompt_frozen[adapter_name] = frozen.float()
         self.qprompt_settings[adapter_name] = QPromptSettings(
-            PromptSlots(config.n_ctx, config.placeholder_token_id), config.host, float(config.rlp_dropout),
+            config.prompt_slots(), config.host, float(config.rlp_dropout),
             config.maple_n_ctx, config.prompt_depth, self.vision_width)
         self._move_to_base_device(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)

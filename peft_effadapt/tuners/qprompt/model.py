@@ -14,7 +14,8 @@ PEFT_PREFIX = "base_model.model."
 
 
 class QPromptModel(DeepPromptTuner):
-    """QPrompt on a Hugging Face `CLIPModel` (`CLIPTextModel` for the CoOp/RLP hosts):
+    """QPrompt on a Hugging Face `CLIPModel` (`CLIPTextModel` for the CoOp/RLP hosts; `SiglipModel`/`SiglipTextModel`
+    for the CoOp/RLP hosts in SigLIP's layout, the MaPLe host refuses SigLIP):
     `get_peft_model(clip, QPromptConfig(host="coop", bits=1, ...))`.
 
     Feed text in placeholder format ("[BOS] X X X X {class}. [EOS]", e.g. through

@@ -85,7 +85,7 @@ class RLPLayer(ContextPromptLayer):
         self.rlp_B[adapter_name] = nn.Parameter(b.float().contiguous())
         self.rlp_frozen[adapter_name] = frozen.float()
         self.rlp_settings[adapter_name] = RLPSettings(
-            PromptSlots(n, config.placeholder_token_id, config.num_classes if config.csc else None),
+            config.prompt_slots(),
             r, float(config.lowrank_dropout), config.dropout_mode,
         )
         self._move_to_base_device(adapter_name)

@@ -9,7 +9,8 @@ from .layer import RLPLayer
 
 
 class RLPModel(ContextPromptTuner):
-    """RLP on a Hugging Face `CLIPModel`/`CLIPTextModel`: `get_peft_model(clip, RLPConfig(...))`.
+    """RLP on a Hugging Face `CLIPModel`/`CLIPTextModel` (or `SiglipModel`/`SiglipTextModel`, context from position 0
+    in SigLIP's layout "X X X X {class}. </s>" padded to max_length): `get_peft_model(clip, RLPConfig(...))`.
 
     Feed text in placeholder format ("[BOS] X X X X {class}. [EOS]", e.g. through
     `peft_effadapt.CLIPZeroShotClassifier`); the prompt F + Drop(A @ B) replaces the placeholders. Saved: `rlp_A`,
