@@ -9,6 +9,15 @@ import json
 import pytest
 import torch
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, SiglipModel
+
+from peft_effadapt import CLIPZeroShotClassifier, CoCoOpConfig, CoOpConfig, MaPLeConfig, QPromptConfig, RLPConfig
+from peft_effadapt.prompting import SIGLIP_TEXT, placeholder_prompt_ids, template_prompt_ids
+from peft_effadapt.tasks.classification import sigmoid_loss
+from peft_effadapt.testing import tiny_clip, tiny_pixel_values
+
+from fp32 import assert_fp32_close
 from siglip_models import (
     CLASS_IDS,
     CTX_IDS,
@@ -22,15 +31,6 @@ from siglip_models import (
     tiny_siglip,
     zero_shot_inputs,
 )
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, SiglipModel
-
-from peft_effadapt import CLIPZeroShotClassifier, CoCoOpConfig, CoOpConfig, MaPLeConfig, QPromptConfig, RLPConfig
-from peft_effadapt.prompting import SIGLIP_TEXT, placeholder_prompt_ids, template_prompt_ids
-from peft_effadapt.tasks.classification import sigmoid_loss
-from peft_effadapt.testing import tiny_clip, tiny_pixel_values
-
-from fp32 import assert_fp32_close
 
 CONFIGS = {
     "coop": lambda **kw: CoOpConfig(**prompt_kwargs(), **kw),
