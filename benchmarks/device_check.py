@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import copy
 import json
 import math
@@ -146,8 +147,8 @@ def versions() -> dict:
     out = {"python": platform.python_version(), "torch": torch.__version__}
     for pkg in ("transformers", "peft", "accelerate", "safetensors"):
         try:
-            out[pkg] = __import__(pkg).__version__
-        except Exception as err:  # noqa: BLE001
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError as err:
             out[pkg] = f"unavailable: {err}"
     out["cuda"] = torch.version.cuda
     out["threads"] = torch.get_num_threads()
