@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.metadata
 import copy
+import importlib.metadata
 import json
 import math
 import platform
