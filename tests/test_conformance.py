@@ -81,9 +81,13 @@ def test_only_adapter_parameters_train(case):
             assert key in trainable_names, f"frozen tensor {key} changed"
 
 
+ROUTES = ("peft", "auto", "transformers", "transformers-auto")
+
+
 @parametrize
-@pytest.mark.parametrize("route", ["peft", "auto", "transformers", "transformers-auto"])
-def test_fresh_process_reload_is_identical(case, route, tmp_path):
+def test_fresh_process_reload_is_identical(case, tmp_path):
+    """Every load route (peft, AutoPeftModel, transformers' load_adapter, ModelClass.from_pretrained(adapter dir)) in
+    one fresh interpreter, each from disk, gives the trained model's outputs."""
     base, base_dir = saved_base(case, tmp_path)
     model = get_peft_model(base, case.make_config())
     train_one_step(case, model)
@@ -96,14 +100,16 @@ def test_fresh_process_reload_is_identical(case, route, tmp_path):
     assert (adapter_dir / "adapter_model.safetensors").exists()
     save_file({k: v.contiguous() for k, v in inputs.items()}, tmp_path / "inputs.safetensors")
     out_file = tmp_path / "out.safetensors"
-    cmd = [sys.executable, str(HERE / "fresh_load.py"), route, str(base_dir), str(adapter_dir),
+    cmd = [sys.executable, str(HERE / "fresh_load.py"), ",".join(ROUTES), str(base_dir), str(adapter_dir),
            str(tmp_path / "inputs.safetensors"), str(out_file), case.id]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = load_file(out_file)
-    torch.testing.assert_close(loaded["out"], expected, rtol=1e-5, atol=1e-6)
-    if route in ("peft", "auto"):
-        assert int(loaded["type_ok"]) == 1
+    for route in ROUTES:
+        torch.testing.assert_close(loaded[f"out_{route}"], expected, rtol=1e-5, atol=1e-6,
+                                   msg=lambda m, route=route: f"route {route}: {m}")
+        if route in ("peft", "auto"):
+            assert int(loaded[f"type_ok_{route}"]) == 1, route
 
 
 @parametrize
