@@ -57,7 +57,7 @@ def test_push_slimmed_model_and_load_by_repo_id(hub, tmp_path):
 
     save_file({"x": x}, tmp_path / "x.safetensors")
     env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(tmp_path / "hub-cache"), "HF_TOKEN": "hf_dummy",
-           "HF_HUB_OFFLINE": "0"}
+           "HF_HUB_OFFLINE": "0", "OMP_NUM_THREADS": str(torch.get_num_threads())}  # same kernels: bitwise
     result = subprocess.run([sys.executable, "-c", LOAD, repo_id, str(tmp_path / "x.safetensors"),
                              str(tmp_path / "out.safetensors")], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]

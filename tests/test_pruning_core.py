@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from functools import partial
@@ -228,7 +229,8 @@ def test_save_and_fresh_process_reload_is_bit_identical(tmp_path):
         plan.widths
     torch.save(PIXELS, tmp_path / "x.pt")
     result = subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path / "slim"), str(tmp_path / "x.pt"),
-                             str(tmp_path / "out.safetensors")], capture_output=True, text=True, timeout=300)
+                             str(tmp_path / "out.safetensors")], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})  # same kernels
     assert result.returncode == 0, result.stderr[-3000:]
     assert torch.equal(load_file(tmp_path / "out.safetensors")["logits"], logits(model))
     reloaded = load_slimmed(tmp_path / "slim")

@@ -133,7 +133,9 @@ def test_residual_stream_compactors_are_shared_fold_exactly_and_reload_in_a_fres
             f"from peft_effadapt.pruning import load_slimmed\nm = load_slimmed({str(tmp_path / 'slim')!r})\n"
             f"with torch.no_grad():\n    y = m(load_file({str(tmp_path / 'x.safetensors')!r})['x']).logits\n"
             f"save_file({{'y': y.contiguous()}}, {str(tmp_path / 'y.safetensors')!r})\n")
-    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    # same thread count as this process (conftest): the same kernels, so the reload is bit-identical
+    subprocess.run([sys.executable, "-c", code], check=True,
+                   env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(torch.get_num_threads())})
     assert torch.equal(load_file(str(tmp_path / "y.safetensors"))["y"], out(model, x))
 
 
