@@ -66,7 +66,7 @@ def test_rlp_example_runs_on_a_vit_b16_shaped_clip(vit_b16_folder, tmp_path):
            "--dataset", str(data), "--steps", "2", "--output-dir", str(out)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "RLP reloaded" in result.stdout, result.stdout[-2000:]
-    adapter = load_file(next(out.rglob("adapter_model.safetensors")))
+    assert "reloaded RLP adapter: identical scores" in result.stdout, result.stdout[-2000:]
+    adapter = load_file(out / "rlp" / "adapter_model.safetensors")
     shapes = sorted(tuple(t.shape) for t in adapter.values())
     assert shapes == [(1, 512), (4, 1)], shapes  # A (n x r) and B (r x d): 4 * 1 + 1 * 512 = 516 numbers at d = 512
