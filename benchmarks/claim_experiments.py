@@ -74,13 +74,19 @@ def equal_noise_std(bits: int) -> float:
 
 
 def prompt_config(arm: str):
-    """Config factory of a prompt arm. Add CoCoOp / MaPLe here (and to PROMPT_ARMS) when they are PEFT types."""
-    from peft_effadapt import CoOpConfig, QPromptConfig, RLPConfig
+    """Config factory of a prompt arm. CoCoOp and MaPLe take their papers' layouts (CoCoOp: CoOp's context + the
+    meta-net; MaPLe: the first 2 of "a photo of a" learned, prompts in every layer of the tiny CLIP, depth <= 9)."""
+    from peft_effadapt import CoCoOpConfig, CoOpConfig, MaPLeConfig, QPromptConfig, RLPConfig
 
     _, _, tokenizer, _ = _clip()
     init = "a photo of a"
     if arm == "CoOp":
         return CoOpConfig(ctx_init=init).resolve_tokens(tokenizer)
+    if arm == "CoCoOp":
+        return CoCoOpConfig(ctx_init=init).resolve_tokens(tokenizer)
+    if arm == "MaPLe":
+        depth = min(9, _fresh_clip().config.text_config.num_hidden_layers)
+        return MaPLeConfig(ctx_init=init, prompt_depth=depth).resolve_tokens(tokenizer)
     if arm == "RLP r=1":
         return RLPConfig(ctx_init=init, rank=1).resolve_tokens(tokenizer)
     if arm.startswith("QCoOp "):  # the runs so far used the former fixed CAC threshold: kept, so they stay valid
@@ -93,7 +99,7 @@ def prompt_config(arm: str):
     raise ValueError(f"unknown prompt arm {arm!r}")
 
 
-PROMPT_ARMS = ("CoOp", "RLP r=1", "QCoOp 1b", "QCoOp 2b", "noise-CoOp 1b", "noise-CoOp 2b")
+PROMPT_ARMS = ("CoOp", "RLP r=1", "QCoOp 1b", "QCoOp 2b", "noise-CoOp 1b", "noise-CoOp 2b", "CoCoOp", "MaPLe")
 
 
 def run_prompt(arm: str, seed: int, s: dict) -> dict:
