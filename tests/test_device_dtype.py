@@ -130,13 +130,7 @@ def test_bfloat16_model_runs_and_matches_float32(case):
     assert _rel(out, ref) < 5e-2  # bf16: 8 mantissa bits (2^-8 = 0.4 % per rounding) through 2 small layers
 
 
-QPROMPT_META = pytest.mark.xfail(strict=True, reason="known bug: QPrompt's MaPLe host stores indices + fp16 codebook, "
-                                  "not its latents; with low_cpu_mem_usage some latents stay on the meta device (the "
-                                  "CoOp and RLP hosts decode theirs at load)")
-
-
-@pytest.mark.parametrize("case", [pytest.param(c, marks=QPROMPT_META) if c.id == "qprompt-maple-clip" else c
-                                  for c in CASES], ids=IDS)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_low_cpu_mem_usage_load(case, tmp_path):
     model = _peft(case)
     model.save_pretrained(tmp_path)

@@ -157,3 +157,24 @@ class ContextPromptConfig(VerifiedAdapterFilesMixin, PeftConfig):
         if self.placeholder_token_id is None:
             self.placeholder_token_id = single_token_id(tokenizer, self.placeholder_token)
         return self
+
+
+# -- MaPLe's deep-prompt fields, shared by MaPLeConfig and QPromptConfig(host="maple") ---------------------------------
+def maple_n_ctx_field(scope: str = ""):
+    return field(default=2, metadata={"help": f"{scope}Learned leading context tokens; the rest of ctx_init stays "
+                                              "fixed text ('of a' of 'a photo of a', as in MaPLe)."})
+
+
+def prompt_depth_field(scope: str = ""):
+    return field(default=9, metadata={"help": f"{scope}Depth J: layers 0..J-1 of both towers get prompts."})
+
+
+def check_deep_prompt_fields(config: ContextPromptConfig, deep: bool = True) -> None:
+    """`maple_n_ctx` and `prompt_depth` are positive ints and, when the prompt is deep (`deep`), m <= n (the ctx_init
+    tokens)."""
+    for name in ("maple_n_ctx", "prompt_depth"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    if deep and config.n_ctx is not None and config.maple_n_ctx > config.n_ctx:
+        raise ValueError(f"maple_n_ctx={config.maple_n_ctx} exceeds n_ctx={config.n_ctx} (the ctx_init tokens).")

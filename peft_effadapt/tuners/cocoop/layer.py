@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ...prompting import ContextPromptLayer, PromptSlots
+from ...prompting.init import adapter_device, initial_context
 from .config import CoCoOpConfig
 
 
@@ -35,14 +36,9 @@ class CoCoOpLayer(ContextPromptLayer):
     def update_layer(self, adapter_name: str, config: CoCoOpConfig, inference_mode: bool = False) -> None:
         tok = self.token_embedding.weight
         n, d = config.n_ctx, tok.shape[1]
-        device = tok.device if tok.device.type != "meta" else torch.device("cpu")
+        device = adapter_device(tok)
         with torch.no_grad():
-            if config.ctx_init_token_ids is not None and tok.device.type != "meta":
-                ctx = tok[torch.tensor(config.ctx_init_token_ids, device=tok.device)].detach().float().clone()
-            else:
-                ctx = torch.randn(n, d, device=device) * config.init_std
-            if not config.init_weights:
-                ctx = ctx + torch.randn_like(ctx) * 0.5
+            ctx = initial_context(tok, config, (n, d))
         hidden = config.meta_net_hidden or max(1, self.image_width // 16)
         down, up = nn.Linear(self.image_width, hidden, device=device), nn.Linear(hidden, d, device=device)
         if not config.init_weights:

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from ...prompting import ContextPromptLayer, PromptSlots
+from ...prompting.init import initial_context
 from .config import CoOpConfig
 
 
@@ -25,13 +26,7 @@ class CoOpLayer(ContextPromptLayer):
         n, d = config.n_ctx, tok.shape[1]
         shape = (config.num_classes, n, d) if config.csc else (n, d)
         with torch.no_grad():
-            if config.ctx_init_token_ids is not None and tok.device.type != "meta":
-                ctx = tok[torch.tensor(config.ctx_init_token_ids, device=tok.device)].detach().float().clone()
-                ctx = ctx.expand(shape).clone()
-            else:
-                ctx = torch.randn(shape, device=tok.device if tok.device.type != "meta" else "cpu") * config.init_std
-            if not config.init_weights:
-                ctx = ctx + torch.randn_like(ctx) * 0.5
+            ctx = initial_context(tok, config, shape)
         self.coop_ctx[adapter_name] = nn.Parameter(ctx.float())
         self.coop_slots[adapter_name] = config.prompt_slots()
         self._move_to_base_device(adapter_name)

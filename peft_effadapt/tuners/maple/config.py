@@ -1,10 +1,11 @@
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from peft.utils import PeftType
 
 from ...prompting import ContextPromptConfig
+from ...prompting.config import check_deep_prompt_fields, maple_n_ctx_field, prompt_depth_field
 
 
 @dataclass
@@ -21,21 +22,12 @@ class MaPLeConfig(ContextPromptConfig):
     Not mergeable: the visual prompts change the image encoder.
     """
 
-    maple_n_ctx: int = field(
-        default=2,
-        metadata={"help": "Learned leading context tokens; the rest of ctx_init stays fixed text ('of a' of 'a photo "
-                  "of a', as in MaPLe)."},
-    )
-    prompt_depth: int = field(default=9, metadata={"help": "Depth J: layers 0..J-1 of both towers get prompts."})
+    maple_n_ctx: int = maple_n_ctx_field()
+    prompt_depth: int = prompt_depth_field()
 
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PeftType.MAPLE
         if self.csc:
             raise ValueError("MaPLe learns one unified context; csc=True (class-specific context) is not supported.")
-        if not isinstance(self.maple_n_ctx, int) or isinstance(self.maple_n_ctx, bool) or self.maple_n_ctx < 1:
-            raise ValueError(f"maple_n_ctx must be a positive int, got {self.maple_n_ctx!r}.")
-        if self.n_ctx is not None and self.maple_n_ctx > self.n_ctx:
-            raise ValueError(f"maple_n_ctx={self.maple_n_ctx} exceeds n_ctx={self.n_ctx} (the ctx_init tokens).")
-        if not isinstance(self.prompt_depth, int) or isinstance(self.prompt_depth, bool) or self.prompt_depth < 1:
-            raise ValueError(f"prompt_depth must be a positive int, got {self.prompt_depth!r}.")
+        check_deep_prompt_fields(self)

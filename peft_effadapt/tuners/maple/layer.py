@@ -6,6 +6,7 @@ from torch import nn
 
 from ...prompting import PromptSlots
 from ...prompting.deep import DeepPromptLayer, DeepPromptShape, maple_tensors
+from ...prompting.init import perturbed, placeholder_row, token_rows
 from .config import MaPLeConfig
 
 
@@ -29,16 +30,11 @@ class MaPLeLayer(DeepPromptLayer):
 
     def update_layer(self, adapter_name: str, config: MaPLeConfig, inference_mode: bool = False) -> None:
         tok = self.token_embedding.weight
-        device = tok.device if tok.device.type != "meta" else torch.device("cpu")
-        known = config.ctx_init_token_ids is not None and tok.device.type != "meta"
-        ctx_rows = (tok[torch.tensor(config.ctx_init_token_ids, device=tok.device)].detach().float().to(device)
-                    if known else None)
-        placeholder = (tok[config.placeholder_token_id].detach().float().to(device) if tok.device.type != "meta"
-                       else torch.zeros(tok.shape[1]))
+        ctx_rows = token_rows(tok, config.ctx_init_token_ids)
+        placeholder = placeholder_row(tok, config)
         shape = DeepPromptShape(config.maple_n_ctx, config.prompt_depth)
         tensors, fixed = maple_tensors(ctx_rows, placeholder, config.n_ctx, shape, self.vision_width, config.init_std)
-        if not config.init_weights:
-            tensors = {k: v + torch.randn_like(v) * 0.5 for k, v in tensors.items()}
+        tensors = {k: perturbed(v, config) for k, v in tensors.items()}
         self.maple_prompts[adapter_name] = nn.ParameterDict({k: nn.Parameter(v.float()) for k, v in tensors.items()})
         self.maple_fixed[adapter_name] = fixed.float()
         self.maple_shape[adapter_name] = shape

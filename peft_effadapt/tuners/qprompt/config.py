@@ -6,6 +6,7 @@ from typing import Literal
 from peft.utils import PeftType
 
 from ...prompting import ContextPromptConfig
+from ...prompting.config import check_deep_prompt_fields, maple_n_ctx_field, prompt_depth_field
 from ...quantization import REFIT_MODES, default_kl_threshold
 
 HOSTS = ("coop", "rlp", "maple")
@@ -78,12 +79,8 @@ class QPromptConfig(ContextPromptConfig):
     )
     rlp_rank: int = field(default=1, metadata={"help": "host='rlp': rank r of A (n x r) @ B (r x d)."})
     rlp_dropout: float = field(default=0.1, metadata={"help": "host='rlp': element dropout on A @ B in training."})
-    maple_n_ctx: int = field(
-        default=2,
-        metadata={"help": "host='maple': learned leading context tokens; the rest of ctx_init stays fixed text ('of a' "
-                  "of 'a photo of a', as in MaPLe)."},
-    )
-    prompt_depth: int = field(default=9, metadata={"help": "host='maple': depth J (layers 0..J-1 get prompts)."})
+    maple_n_ctx: int = maple_n_ctx_field("host='maple': ")
+    prompt_depth: int = prompt_depth_field("host='maple': ")
 
     def __post_init__(self):
         super().__post_init__()
@@ -126,12 +123,7 @@ class QPromptConfig(ContextPromptConfig):
             raise ValueError(f"rlp_dropout must be a probability in [0, 1), got {self.rlp_dropout!r}.")
         if self.host == "rlp" and self.n_ctx is not None and self.rlp_rank > self.n_ctx:
             raise ValueError(f"rlp_rank={self.rlp_rank} exceeds n_ctx={self.n_ctx}.")
-        if not isinstance(self.maple_n_ctx, int) or self.maple_n_ctx < 1:
-            raise ValueError(f"maple_n_ctx must be a positive int, got {self.maple_n_ctx!r}.")
-        if self.host == "maple" and self.n_ctx is not None and self.maple_n_ctx > self.n_ctx:
-            raise ValueError(f"maple_n_ctx={self.maple_n_ctx} exceeds n_ctx={self.n_ctx} (the ctx_init tokens).")
-        if not isinstance(self.prompt_depth, int) or self.prompt_depth < 1:
-            raise ValueError(f"prompt_depth must be a positive int, got {self.prompt_depth!r}.")
+        check_deep_prompt_fields(self, deep=self.host == "maple")
 
     @property
     def quantized(self) -> bool:

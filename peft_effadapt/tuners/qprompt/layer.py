@@ -10,6 +10,7 @@ from torch import nn
 
 from ...prompting import PromptSlots
 from ...prompting.deep import DeepPromptLayer, DeepPromptShape, maple_tensors
+from ...prompting.init import adapter_device, perturbed, placeholder_row, token_rows
 from .config import QPromptConfig
 from .tensors import QuantizedTensors
 
@@ -27,11 +28,8 @@ class QPromptSettings:
 def host_tensors(config: QPromptConfig, tok: torch.Tensor, vision_width: int | None) -> tuple[dict, torch.Tensor]:
     """(latent tensors by name, frozen rows) of a new adapter. Frozen rows: RLP's P0, MaPLe's fixed text tokens."""
     n, d = config.n_ctx, tok.shape[1]
-    device = tok.device if tok.device.type != "meta" else torch.device("cpu")
-    known = config.ctx_init_token_ids is not None and tok.device.type != "meta"
-    p0 = (tok[torch.tensor(config.ctx_init_token_ids, device=tok.device)].detach().float().to(device) if known
-          else None)
-    noise = (lambda shape: torch.randn(shape, device=device) * 0.5) if not config.init_weights else None
+    device = adapter_device(tok)
+    p0 = token_rows(tok, config.ctx_init_token_ids)
     std = config.init_std
     if config.host == "coop":
         ctx = p0.clone() if p0 is not None else torch.randn(n, d, device=device) * std
@@ -44,12 +42,9 @@ def host_tensors(config: QPromptConfig, tok: torch.Tensor, vision_width: int | N
     else:
         if vision_width is None:
             raise ValueError("host='maple' needs a CLIPModel (text and vision towers); the model has no vision tower.")
-        placeholder = tok[config.placeholder_token_id].detach().float().to(device)
-        tensors, frozen = maple_tensors(p0, placeholder, n, DeepPromptShape(config.maple_n_ctx, config.prompt_depth),
+        tensors, frozen = maple_tensors(p0, placeholder_row(tok, config).to(device), n, DeepPromptShape(config.maple_n_ctx, config.prompt_depth),
                                         vision_width, std)
-    if noise is not None:
-        tensors = {k: v + noise(v.shape) for k, v in tensors.items()}
-    return tensors, frozen
+    return {k: perturbed(v, config) for k, v in tensors.items()}, frozen
 
 
 class QPromptLayer(DeepPromptLayer):

@@ -7,6 +7,7 @@ from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
 from ...prompting import ContextPromptLayer, PromptSlots
+from ...prompting.init import adapter_device, token_rows
 from .config import RLPConfig
 
 
@@ -55,11 +56,10 @@ class RLPLayer(ContextPromptLayer):
     def update_layer(self, adapter_name: str, config: RLPConfig, inference_mode: bool = False) -> None:
         tok = self.token_embedding.weight
         n, r, d = config.n_ctx, config.rank, tok.shape[1]
-        device = tok.device if tok.device.type != "meta" else torch.device("cpu")
+        device = adapter_device(tok)
         std = config.init_std
-        if config.ctx_init_token_ids is not None and tok.device.type != "meta":
-            p0 = tok[torch.tensor(config.ctx_init_token_ids, device=tok.device)].detach().float().to(device)
-        else:
+        p0 = token_rows(tok, config.ctx_init_token_ids)
+        if p0 is None:
             p0 = torch.zeros(n, d, device=device)
         has_p0 = config.ctx_init_token_ids is not None
         with torch.no_grad():
