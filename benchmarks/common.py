@@ -41,6 +41,16 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warm
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def inference(model: torch.nn.Module, **inputs) -> Callable[[], None]:
+    """A no-grad forward of `model` on `inputs`, as a timing function."""
+
+    def run():
+        with torch.no_grad():
+            model(**inputs)
+
+    return run
+
+
 def machine() -> dict:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or platform.machine()
     return {

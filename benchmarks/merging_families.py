@@ -30,7 +30,7 @@ from transformers import (
 
 from peft_effadapt import PYRAConfig, ToMeConfig
 
-from common import interleaved_medians, write_result
+from common import inference, interleaved_medians, write_result
 
 BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, image_size=224)
 FAMILIES = {
@@ -65,14 +65,7 @@ def main():
         models["ToMe r=16"] = get_peft_model(make().eval(), ToMeConfig(merge_schedule=16)).eval()
         torch.manual_seed(0)
         models["PYRA low"] = get_peft_model(make().eval(), PYRAConfig(merge_schedule="low")).eval()
-
-        def runner(model):
-            def run():
-                with torch.no_grad():
-                    model(pixel_values=x)
-            return run
-
-        seconds = interleaved_medians({k: runner(m) for k, m in models.items()}, repeats=args.repeats, warmup=1)
+        seconds = interleaved_medians({k: inference(m, pixel_values=x) for k, m in models.items()}, repeats=args.repeats, warmup=1)
         one = x[:1]
         rows[name] = {
             "gflops_per_image": {k: round(gflops(m, one), 2) for k, m in models.items()},

@@ -40,7 +40,7 @@ from peft_effadapt.metrics import load_metric
 from peft_effadapt.testing import CLASSIFICATION_SETS, make_classification_dataset
 from peft_effadapt.testing.processing import ShapesImageProcessor, dataset_images
 
-from common import RESULTS, interleaved_medians, write_result
+from common import RESULTS, inference, interleaved_medians, write_result
 
 METHODS = {
     "lora": dict(merge_schedule=0, freeze_modulation=False),
@@ -226,13 +226,7 @@ def run_speed(args) -> dict:
         models[f"pyra-{preset}"] = pyra.merge_and_unload()
     x = torch.randn(args.speed_batch, 3, 224, 224)
 
-    def runner(model):
-        def run():
-            with torch.no_grad():
-                model(pixel_values=x)
-        return run
-
-    seconds = interleaved_medians({k: runner(m) for k, m in models.items()}, repeats=args.repeats, warmup=1)
+    seconds = interleaved_medians({k: inference(m, pixel_values=x) for k, m in models.items()}, repeats=args.repeats, warmup=1)
     ips = {k: args.speed_batch / s for k, s in seconds.items()}
     result = {
         "model": "ViT-B/16 shape (random weights), fp32, sdpa",

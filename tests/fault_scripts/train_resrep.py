@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from datasets import Dataset
 from progress import Progress
-from torch import nn
 from transformers import ResNetConfig, ResNetForImageClassification, Trainer, TrainingArguments
 
 from peft_effadapt.pruning import ResRepCallback, resrep_param_groups
+from peft_effadapt.testing import randomize_batchnorm
 
 torch.set_num_threads(1)
 out, mode = Path(sys.argv[1]), sys.argv[2]
@@ -35,13 +35,7 @@ data = Dataset.from_dict({"pixel_values": pixels, "labels": labels}).with_format
 torch.manual_seed(0)
 model = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[16, 32], depths=[1, 1],
                                                   layer_type="basic", num_labels=5))
-with torch.no_grad():  # non-trivial BatchNorms, as in tests/test_resrep.py
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.normal_(0, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
-            module.weight.normal_(1, 0.3)
-            module.bias.normal_(0, 0.3)
+randomize_batchnorm(model)  # non-trivial BatchNorms, as in tests/test_resrep.py
 model.train()
 callback = ResRepCallback(flops_target=0.7, lasso_strength=0.05, mask_interval=2, warmup_steps=2, begin_granularity=6,
                           drop_masked_rows=True)
