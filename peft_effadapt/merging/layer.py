@@ -40,6 +40,10 @@ class TokenMergingLayer(BaseTunerLayer):
         self.layer_idx = layer
         self.layer_name = layer_name
         self.context = context
+        # peft's tuner layers expose their widths; a whole encoder layer maps the D-wide residual stream to itself
+        q_proj, _, _ = self._projections()
+        self.in_features = q_proj.in_features
+        self.out_features = getattr(getattr(base_layer, layout.attention), layout.o_proj).out_features
         setattr(self, self.settings_attr, {})
         self._disable_adapters = False
         self.merged_adapters = []
