@@ -41,31 +41,8 @@ from transformers import Trainer, TrainingArguments
 
 import peft_effadapt  # noqa: F401  (registers QPrompt with peft)
 from peft_effadapt import CLIPZeroShotClassifier, QPromptConfig
-from peft_effadapt.tasks import evaluate_base_to_novel
-from peft_effadapt.testing import (
-    base_novel_split,
-    dataset_images,
-    few_shot_split,
-    load_tiny_clip,
-    make_classification_dataset,
-)
-
-
-def load(args):
-    """(clip, tokenizer, images -> pixel_values, images of a dataset, train set, test set)."""
-    if args.model is None:
-        clip, processor = load_tiny_clip()
-        train = make_classification_dataset(args.dataset, "train")
-        test = make_classification_dataset(args.dataset, "test")
-        return clip, processor.tokenizer, processor.image_processor.to_pixel_values, dataset_images, train, test
-    from datasets import load_dataset
-    from transformers import CLIPModel, CLIPProcessor
-
-    clip, processor = CLIPModel.from_pretrained(args.model), CLIPProcessor.from_pretrained(args.model)
-    data = load_dataset(args.dataset)
-    to_pixel_values = lambda images: processor(images=list(images), return_tensors="pt")["pixel_values"]  # noqa: E731
-    pil_images = lambda dataset: [image.convert("RGB") for image in dataset["image"]]  # noqa: E731
-    return clip, processor.tokenizer, to_pixel_values, pil_images, data["train"], data["test"]
+from peft_effadapt.tasks import evaluate_base_to_novel, load_clip, load_clip_with_data
+from peft_effadapt.testing import base_novel_split, few_shot_split
 
 
 def tensor_bytes(folder: str) -> int:
@@ -76,7 +53,7 @@ def tensor_bytes(folder: str) -> int:
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)
-    clip, tokenizer, to_pixel_values, images_of, train, test = load(args)
+    clip, tokenizer, to_pixel_values, images_of, train, test = load_clip_with_data(args.model, args.dataset)
     base_train, _ = base_novel_split(few_shot_split(train, shots=16, seed=0))
     base_test, novel_test = base_novel_split(test)
     evaluate = lambda clf: evaluate_base_to_novel(clf.eval(), base_test, novel_test, to_pixel_values)  # noqa: E731
@@ -103,7 +80,8 @@ def main(argv=None) -> None:
 
     # saved: packed indices + fp16 codebook per quantised tensor (add save_latents=True to keep training later)
     model.save_pretrained(f"{out_dir}/adapter")
-    reloaded = CLIPZeroShotClassifier(PeftModel.from_pretrained(load(args)[0], f"{out_dir}/adapter"), tokenizer)
+    fresh_clip = load_clip(args.model)[0]
+    reloaded = CLIPZeroShotClassifier(PeftModel.from_pretrained(fresh_clip, f"{out_dir}/adapter"), tokenizer)
     reloaded_scores = evaluate(reloaded)
     for name, scores in (("zero-shot CLIP", before), ("QPrompt trained", after), ("QPrompt reloaded", reloaded_scores)):
         print(f"{name:16s} base {scores['base']:.1f}  novel {scores['novel']:.1f}  HM {scores['hm']:.1f}")

@@ -48,33 +48,11 @@ from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
 import peft_effadapt  # noqa: F401  (registers RLP and COOP with peft)
 from peft_effadapt import CLIPZeroShotClassifier, CoOpConfig, RLPConfig
-from peft_effadapt.tasks import evaluate_base_to_novel
-from peft_effadapt.testing import (
-    base_novel_split,
-    dataset_images,
-    few_shot_split,
-    load_tiny_clip,
-    make_classification_dataset,
-)
+from peft_effadapt.tasks import evaluate_base_to_novel, load_clip, load_clip_with_data
+from peft_effadapt.testing import base_novel_split, few_shot_split
 
 TEMPLATE = "a photo of a {}."
 
-
-def load(args):
-    """(clip, tokenizer, images -> pixel_values, dataset -> images, train set, test set), bundled testbed or Hub."""
-    if args.model is None:
-        clip, processor = load_tiny_clip()
-        train = make_classification_dataset(args.dataset, "train")
-        test = make_classification_dataset(args.dataset, "test")
-        return clip, processor.tokenizer, processor.image_processor.to_pixel_values, dataset_images, train, test
-    from datasets import load_dataset
-    from transformers import CLIPModel, CLIPProcessor
-
-    clip, processor = CLIPModel.from_pretrained(args.model), CLIPProcessor.from_pretrained(args.model)
-    data = load_dataset(args.dataset)
-    to_pixel_values = lambda images: processor(images=list(images), return_tensors="pt")["pixel_values"]  # noqa: E731
-    pil_images = lambda dataset: [image.convert("RGB") for image in dataset["image"]]  # noqa: E731
-    return clip, processor.tokenizer, to_pixel_values, pil_images, data["train"], data["test"]
 
 
 def train(classifier, rows: list[dict], args, work_dir: Path) -> float:
@@ -114,7 +92,7 @@ def reading(scores: dict, rlp: str, n_test: int) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)
-    clip, tokenizer, to_pixel_values, images_of, train_set, test_set = load(args)
+    clip, tokenizer, to_pixel_values, images_of, train_set, test_set = load_clip_with_data(args.model, args.dataset)
     base_train, _ = base_novel_split(few_shot_split(train_set, shots=16, seed=0))
     base_test, novel_test = base_novel_split(test_set)
     pixels = to_pixel_values(images_of(base_train))
@@ -136,7 +114,7 @@ def main(argv=None) -> None:
         out = Path(args.output_dir or scratch)
         for name, config in configs.items():
             set_seed(args.seed)  # RLP's B and the dropout masks are random: seed them for a reproducible run
-            model = get_peft_model(clip if name == rlp else load(args)[0], config.resolve_tokens(tokenizer))
+            model = get_peft_model(clip if name == rlp else load_clip(args.model)[0], config.resolve_tokens(tokenizer))
             classifier = CLIPZeroShotClassifier(model, tokenizer, base_names)
             seconds = train(classifier, rows, args, Path(scratch))
             print(f"trained {name}: {args.steps} steps in {seconds:.0f} s")
@@ -144,7 +122,7 @@ def main(argv=None) -> None:
                             "bytes": adapter_bytes(model, out / name.split()[0].lower())}
 
         # only A and B are stored; P0 is rebuilt from the base model's vocabulary when loading
-        reloaded = PeftModel.from_pretrained(load(args)[0], out / "rlp")
+        reloaded = PeftModel.from_pretrained(load_clip(args.model)[0], out / "rlp")
         again = evaluate(CLIPZeroShotClassifier(reloaded, tokenizer).eval())
         same = all(again[k] == scores[rlp][k] for k in ("base", "novel", "hm"))
 
