@@ -126,7 +126,7 @@ def _compute(model: nn.Module, plan: SlimmingPlan):
                     tensors[(path, name)] = value.detach().index_select(0, index).clone()
             attrs[path] = {"num_features": gp.width}
         for fqn, gp in param_edit.items():
-            path, name = fqn.rsplit(".", 1)
+            path, _, name = fqn.rpartition(".")
             value, axis = _channel_axis(model, fqn, gp.group)
             if (path, name) in tensors:
                 raise ValueError(f"{fqn!r} is both a module weight and a per-channel parameter of {gp.group.name!r}.")
@@ -137,7 +137,7 @@ def _compute(model: nn.Module, plan: SlimmingPlan):
 
 def _channel_axis(model: nn.Module, fqn: str, group) -> tuple[torch.Tensor, int]:
     """A per-channel tensor of `group` and its channel axis (its one dim of the group's size, all others 1)."""
-    path, name = fqn.rsplit(".", 1)
+    path, _, name = fqn.rpartition(".")
     value = getattr(_module(model, path, group.name), name, None)
     axes = [i for i, n in enumerate(value.shape) if n != 1] if isinstance(value, torch.Tensor) else None
     if axes is None or value.numel() != group.size or len(axes) > 1:

@@ -124,13 +124,13 @@ def trace_channel_groups(model: nn.Module, example_inputs=None) -> list:
 
     def module_of(node) -> str:
         stack = node.meta.get("nn_module_stack") or {}
-        return list(stack.values())[-1][0] if stack else "<top level>"
+        return (list(stack.values())[-1][0] if stack else "") or "<top level>"
 
     def param_path(arg, node, role: str) -> str:
         if not isinstance(arg, torch.fx.Node) or arg.name not in fqn_of:
             raise ValueError(f"Channel tracing: the {role} of {_op(node)} at {module_of(node)!r} is not a module "
                              "parameter (a functional call with a computed weight); this graph is not supported.")
-        return fqn_of[arg.name].rsplit(".", 1)[0]
+        return fqn_of[arg.name].rpartition(".")[0]
 
     def produce(path: str, kind: str, size: int, reads, node) -> _Ch:
         space = spaces.new(size)
@@ -214,7 +214,7 @@ def trace_channel_groups(model: nn.Module, example_inputs=None) -> list:
             if isinstance(ch, _Ch):
                 if ch.dim != 1 or ch.mult != 1:
                     _unknown(node, where, "BatchNorm over a dim that is not the channel dim")
-                path = next((fqn_of[a.name].rsplit(".", 1)[0] for a in node.args[1:5]
+                path = next((fqn_of[a.name].rpartition(".")[0] for a in node.args[1:5]
                              if isinstance(a, torch.fx.Node) and a.name in fqn_of), where)
                 if ch.src is not None:
                     norm_of.setdefault(ch.src, []).append(path)
@@ -308,13 +308,14 @@ def _groups(model, spaces: _Spaces, norm_of, orphan_norms, channel_group) -> lis
         if reasons:
             meta["unprunable"] = "; ".join(reasons)
         for fqn in params:
-            module, name = fqn.rsplit(".", 1)
+            module, _, name = fqn.rpartition(".")
             tensor = getattr(model.get_submodule(module), name)
             if tensor.numel() != size:
                 meta.setdefault("unprunable", f"per-channel tensor {fqn} of shape {tuple(tensor.shape)}")
-        groups.append(channel_group(paths[0][0], paths, norms, consumers, size, residual="residual" in flags,
-                                    reaches_output="output" in flags, meta=meta, channel_params=params))
-    return groups
+        groups.append((producers[0][0], channel_group(
+            paths[0][0], paths, norms, consumers, size, residual="residual" in flags,
+            reaches_output="output" in flags, meta=meta, channel_params=params)))
+    return [g for _, g in sorted(groups, key=lambda item: item[0])]  # graph order of the pacesetters' inputs
 
 
 # --------------------------------------------------------------------------------------------------- op rules

@@ -131,7 +131,8 @@ def tiny_cnn(family: str, *, seed: int = 0, num_labels: int = 5, with_head: bool
                                  "layer_type": family[-1], **overrides})
         classes = (RegNetForImageClassification, RegNetModel)
     elif family == "mobilenet_v2":
-        config = MobileNetV2Config(**{"depth_multiplier": 0.25, "image_size": 32, **overrides})
+        config = MobileNetV2Config(**{"depth_multiplier": 0.25, "image_size": 32, "finegrained_output": False,
+                                      **overrides})
         classes = (MobileNetV2ForImageClassification, MobileNetV2Model)
     else:
         raise ValueError(f"family must be one of {CNN_FAMILIES}, got {family!r}.")
