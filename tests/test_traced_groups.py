@@ -132,6 +132,8 @@ def test_mobilenet_v2_inverted_residual_groups_and_streams():
     streams = [g for g in groups if g.residual]
     assert [len(g.producers) for g in streams] == [2, 3, 4, 3, 3]
     assert len(streams[2].consumers) == 4 and not any(g.reaches_output for g in groups)
+    with pytest.raises(ValueError, match="depthwise conv cannot absorb the compactor"):
+        ResRepCallback(flops_target=0.5, groups="all").prepare(model, X)
 
 
 # ------------------------------------------------------------------------------------------------ slimming
