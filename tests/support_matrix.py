@@ -15,16 +15,19 @@ from test_families import FAMILIES  # noqa: E402
 from test_prompting_siglip import CONFIGS as SIGLIP_PROMPT_CONFIGS  # noqa: E402
 
 METHODS = ["Consolidator", "CoOp", "CoCoOp", "RLP", "QPrompt", "MaPLe", "ToMe", "PYRA", "TempMe", "C-SGD", "ResRep"]
-COLUMNS = ["ViT / DeiT", "CLIP", "SigLIP", "DINOv2", "MAE", "HF ResNet"]
+COLUMNS = ["ViT / DeiT", "CLIP", "SigLIP", "DINOv2", "MAE", "HF ResNet", "ConvNeXt", "RegNet", "MobileNetV2"]
 _METHOD_OF_PREFIX = {m.lower().replace("-", ""): m for m in METHODS}
 _FAMILY_OF_TOKEN = {"vit": "ViT / DeiT", "clip": "CLIP", "siglip": "SigLIP", "dinov2": "DINOv2", "mae": "MAE"}
 
-# Pruning families and the tests that run them (the pruning tests are parametrised over HF ResNet layer types).
+# Pruning families and the tests that run them (the pruning tests are parametrised over HF ResNet layer types; the
+# traced families over tests/test_traced_groups.py's FAMILIES, C-SGD and ResRep in each test).
+_TRACED = "tests/test_traced_groups.py::test_csgd_and_resrep_slim_exactly_and_reload"
 PRUNING_TESTED = {
     ("C-SGD", "HF ResNet"): "tests/test_csgd.py::test_trim_is_lossless_once_clusters_are_identical",
     ("ResRep", "HF ResNet"): "tests/test_resrep.py::test_residual_stream_compactors_are_shared_fold_exactly_and_reload_in_a_fresh_process",
     ("C-SGD", "ViT / DeiT"): "tests/test_pruning_core.py::test_mlp_groups_for_vit_and_clip",
     ("ResRep", "ViT / DeiT"): "tests/test_resrep.py::test_vit_mlp_fold_is_exact",
+    **{(method, family): _TRACED for method in ("C-SGD", "ResRep") for family in ("ConvNeXt", "RegNet", "MobileNetV2")},
 }
 # Refusals, each asserted by a test (tests/test_support_matrix.py runs them all).
 REFUSED = {

@@ -153,7 +153,7 @@ def widths_for_flops(model: nn.Module, example_inputs, flops_ratio: float, group
 
     if isinstance(flops_ratio, bool) or not isinstance(flops_ratio, (int, float)) or not 0 < flops_ratio <= 1:
         raise ValueError(f"flops_ratio must be in (0, 1], got {flops_ratio!r}")
-    found = find_channel_groups(model)
+    found = find_channel_groups(model, example_inputs)
     chosen = select_groups(found, groups)
     flops = FlopsModel.measure(model, example_inputs, found if isinstance(groups, str) or
                                not isinstance(groups[0], ChannelGroup) else chosen)

@@ -4,7 +4,8 @@ A group is a set of *producers* whose output channels are the group (conv out-ch
 biases), the per-channel *norms* that follow them (BatchNorm), and the *consumers* whose input channels are the group
 (conv in-channels, linear columns). Producers of one residual stream (stage projection or stem, plus the last conv of
 every block) form one residual group; everything else is internal. Groups are found by architecture adapters (HF
-ResNet, ViT/CLIP MLPs, plain `nn.Sequential` CNNs), not by tracing.
+ResNet, ViT/CLIP MLPs, plain `nn.Sequential` CNNs) where one applies, else by tracing the model (`tracing.py`: HF
+ConvNeXt, RegNet, MobileNetV2 and other CNNs).
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ class ChannelGroup:
         size: number of channels.
         residual: True for a residual stream (all producers must keep the same channels); False = internal.
         reaches_output: True if the channels are part of the model's output (never prunable).
+        meta: free-form details: "role" ("stem", "block", "stream"), and for groups that cannot be pruned exactly
+            "unprunable" (the reason, e.g. "LayerNorm over channels at <path>"; see `tracing.py`).
+        channel_params: parameters/buffers (full names) holding one value per channel of the group, sliced with it
+            (e.g. a ConvNeXt-style layer scale).
     """
 
     name: str
@@ -45,15 +50,24 @@ class ChannelGroup:
     residual: bool = False
     reaches_output: bool = False
     meta: dict = field(default_factory=dict)
+    channel_params: list[str] = field(default_factory=list)
 
     @property
     def internal(self) -> bool:
         """Safe to prune with a per-layer method (ResRep's setting): one stream, not coupled through a residual add."""
-        return not self.residual and not self.reaches_output
+        return not self.residual and self.prunable
 
     @property
     def prunable(self) -> bool:
-        return not self.reaches_output
+        """False for output channels and for groups refused with a reason (`meta["unprunable"]`)."""
+        return not self.reaches_output and not self.meta.get("unprunable")
+
+    @property
+    def refusal(self) -> str | None:
+        """Why the group cannot be pruned (None when it can)."""
+        if self.reaches_output:
+            return "carries the model's output channels"
+        return self.meta.get("unprunable") or None
 
     @property
     def pacesetter(self) -> str:
@@ -63,6 +77,8 @@ class ChannelGroup:
     def to_dict(self) -> dict:
         data = asdict(self)
         data["producers"] = [list(p) for p in self.producers]
+        if not data["channel_params"]:  # plans of groups without them keep their original form
+            del data["channel_params"]
         return data
 
     @classmethod
@@ -72,18 +88,24 @@ class ChannelGroup:
         return cls(**data)
 
 
-def find_channel_groups(model: nn.Module) -> list[ChannelGroup]:
+def find_channel_groups(model: nn.Module, example_inputs=None) -> list[ChannelGroup]:
     """Channel groups of HF `ResNetForImageClassification`/`ResNetModel`, ViT/CLIP MLPs (any module with `fc1`/`fc2`
-    Linears, or the 4.x `intermediate.dense`/`output.dense` pair) and plain `nn.Sequential` CNNs.
+    Linears, or the 4.x `intermediate.dense`/`output.dense` pair) and plain `nn.Sequential` CNNs by their rules;
+    any other model (HF ConvNeXt, RegNet, MobileNetV2, custom CNNs) by tracing it with `torch.export` on
+    `example_inputs` (default: one image from the config; see `tracing.trace_channel_groups`).
 
-    Raises `ValueError` when no group is found (nothing to prune)."""
+    Raises `ValueError` when no group is found (nothing to prune), or naming the op tracing cannot follow."""
     groups = _resnet_groups(model) + _mlp_groups(model)
     if not groups and isinstance(model, nn.Sequential):
         groups = _sequential_groups(model)
     if not groups:
+        from .tracing import trace_channel_groups
+
+        groups = trace_channel_groups(model, example_inputs)
+    if not groups:
         raise ValueError(
-            f"No prunable channel groups found in {type(model).__name__}: supported are HF ResNet (bottleneck/basic), "
-            "ViT/CLIP MLPs (fc1/fc2) and plain nn.Sequential CNNs (conv/linear -> BatchNorm -> activation -> ...)."
+            f"No prunable channel groups found in {type(model).__name__}: no conv/linear output is read by another "
+            "conv/linear (rules cover HF ResNet, ViT/CLIP MLPs and nn.Sequential CNNs; other models are traced)."
         )
     return groups
 
@@ -259,9 +281,9 @@ def select_groups(groups: list[ChannelGroup], spec) -> list[ChannelGroup]:
     else:
         raise ValueError(f"groups must be one of {GROUP_FAMILIES}, a non-empty list of glob patterns or a list of "
                          f"ChannelGroup; got {spec!r}.")
-    outputs = [g.name for g in chosen if not g.prunable]
-    if outputs:
-        raise ValueError(f"Groups {outputs} carry the model's output channels and cannot be pruned.")
+    refused = {g.name: g.refusal for g in chosen if not g.prunable}
+    if refused:
+        raise ValueError(f"Groups cannot be pruned: {refused}.")
     if not chosen:
         raise ValueError(f"Nothing to prune: no channel group matches groups={spec!r} (groups found: "
                          f"{[g.name for g in groups]}).")

@@ -1,4 +1,5 @@
-"""Physical channel removal: slices convs, BatchNorms and linears by a `SlimmingPlan` and updates their attributes.
+"""Physical channel removal: slices convs, BatchNorms, linears and per-channel parameters (layer scales) by a
+`SlimmingPlan` and updates the modules' attributes.
 
 The whole plan is checked against the model and every new tensor is computed before the first module is touched, so
 a bad plan leaves the model exactly as it was. HF config width fields (`hidden_sizes`, `intermediate_size`, ...) stay
@@ -57,11 +58,12 @@ def _compute(model: nn.Module, plan: SlimmingPlan):
     out_edit: dict[str, tuple[GroupPlan, str]] = {}
     in_edit: dict[str, GroupPlan] = {}
     norm_edit: dict[str, GroupPlan] = {}
+    param_edit: dict[str, GroupPlan] = {}
     for gp in plan.groups:
         group = gp.group
-        if group.reaches_output:
-            raise ValueError(f"Group {group.name!r} carries the model's output channels; slimming it would change "
-                             "the output shape.")
+        if not group.prunable:
+            raise ValueError(f"Group {group.name!r} cannot be slimmed: it {group.refusal}"
+                             f"{' (slimming it would change the output shape)' if group.reaches_output else ''}.")
         for path, kind in group.producers:
             module = _module(model, path, group.name)
             if path in out_edit:
@@ -81,6 +83,9 @@ def _compute(model: nn.Module, plan: SlimmingPlan):
                 raise ValueError(f"Module {path!r} reads channels of two groups.")
             _check_consumer(path, module, group.size)
             in_edit[path] = gp
+        for fqn in group.channel_params:
+            _channel_axis(model, fqn, group)
+            param_edit[fqn] = gp
 
     tensors: dict[tuple[str, str], torch.Tensor] = {}
     attrs: dict[str, dict] = {}
@@ -120,7 +125,25 @@ def _compute(model: nn.Module, plan: SlimmingPlan):
                 if value is not None:
                     tensors[(path, name)] = value.detach().index_select(0, index).clone()
             attrs[path] = {"num_features": gp.width}
+        for fqn, gp in param_edit.items():
+            path, _, name = fqn.rpartition(".")
+            value, axis = _channel_axis(model, fqn, gp.group)
+            if (path, name) in tensors:
+                raise ValueError(f"{fqn!r} is both a module weight and a per-channel parameter of {gp.group.name!r}.")
+            index = torch.tensor(gp.keep, device=value.device)
+            tensors[(path, name)] = value.detach().index_select(axis, index).clone()
     return tensors, attrs
+
+
+def _channel_axis(model: nn.Module, fqn: str, group) -> tuple[torch.Tensor, int]:
+    """A per-channel tensor of `group` and its channel axis (its one dim of the group's size, all others 1)."""
+    path, _, name = fqn.rpartition(".")
+    value = getattr(_module(model, path, group.name), name, None)
+    axes = [i for i, n in enumerate(value.shape) if n != 1] if isinstance(value, torch.Tensor) else None
+    if axes is None or value.numel() != group.size or len(axes) > 1:
+        raise ValueError(f"Group {group.name!r}: {fqn!r} should hold one value per channel ({group.size}), found "
+                         f"{type(value).__name__ if axes is None else tuple(value.shape)}.")
+    return value, axes[0] if axes else 0
 
 
 def _check_producer(path: str, module: nn.Module, kind: str, size: int) -> None:

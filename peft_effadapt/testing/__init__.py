@@ -1,10 +1,12 @@
 """Testbed: tiny model factories for unit tests, generated datasets and the bundled small trained checkpoints."""
 
 from .factories import (
+    CNN_FAMILIES,
     randomize_batchnorm,
     tiny_clip,
     tiny_clip_config,
     tiny_clip_vision,
+    tiny_cnn,
     tiny_pixel_values,
     tiny_resnet,
     tiny_text_inputs,
@@ -13,7 +15,9 @@ from .factories import (
 )
 
 __all__ = [
+    "CNN_FAMILIES",
     "randomize_batchnorm",
+    "tiny_cnn",
     "tiny_resnet",
     "tiny_clip",
     "tiny_clip_config",

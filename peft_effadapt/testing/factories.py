@@ -101,6 +101,52 @@ def tiny_resnet(layer_type: str = "bottleneck", *, seed: int = 0, embedding_size
     return model
 
 
+CNN_FAMILIES = ("convnext", "regnet-x", "regnet-y", "mobilenet_v2")
+
+
+def tiny_cnn(family: str, *, seed: int = 0, num_labels: int = 5, with_head: bool = True,
+             random_norms: bool = True, **overrides) -> nn.Module:
+    """A tiny HF ConvNeXt, RegNet (X or Y: with squeeze-excitation; grouped 3x3 convs) or MobileNetV2 in eval mode
+    (32x32 inputs suffice), for the traced channel groups. `random_norms` draws BatchNorm statistics and ConvNeXt
+    layer scales away from their trivial initial values, so a channel mishandled by slimming shows in the outputs."""
+    from transformers import (
+        ConvNextConfig,
+        ConvNextForImageClassification,
+        ConvNextModel,
+        MobileNetV2Config,
+        MobileNetV2ForImageClassification,
+        MobileNetV2Model,
+        RegNetConfig,
+        RegNetForImageClassification,
+        RegNetModel,
+    )
+
+    torch.manual_seed(seed)
+    if family == "convnext":
+        config = ConvNextConfig(**{"hidden_sizes": [8, 16], "depths": [2, 1], "num_stages": 2,
+                                   "layer_scale_init_value": 1.0, **overrides})
+        classes = (ConvNextForImageClassification, ConvNextModel)
+    elif family in ("regnet-x", "regnet-y"):
+        config = RegNetConfig(**{"embedding_size": 8, "hidden_sizes": [16, 32], "depths": [1, 2], "groups_width": 8,
+                                 "layer_type": family[-1], **overrides})
+        classes = (RegNetForImageClassification, RegNetModel)
+    elif family == "mobilenet_v2":
+        config = MobileNetV2Config(**{"depth_multiplier": 0.25, "image_size": 32, "finegrained_output": False,
+                                      **overrides})
+        classes = (MobileNetV2ForImageClassification, MobileNetV2Model)
+    else:
+        raise ValueError(f"family must be one of {CNN_FAMILIES}, got {family!r}.")
+    config.num_labels = num_labels
+    model = (classes[0] if with_head else classes[1])(config).eval()
+    if random_norms:
+        randomize_batchnorm(model)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("layer_scale_parameter"):
+                    param.normal_(1, 0.3)
+    return model
+
+
 @torch.no_grad()
 def randomize_batchnorm(model: nn.Module) -> nn.Module:
     """Non-trivial BatchNorm affine parameters and running statistics (drawn from torch's global RNG), so that a

@@ -193,6 +193,14 @@ class CentripetalSGDCallback(PruningCallback):
             if is_norm:
                 entry.buffers += [(f"{path}.{b}", getattr(module, b)) for b in ("running_mean", "running_var")
                                   if getattr(module, b, None) is not None]
+        for fqn in group.channel_params:  # per-channel scales (layer scale): pulled like the other vectors
+            value = model.get_parameter(fqn) if fqn in dict(model.named_parameters()) else model.get_buffer(fqn)
+            if value.dim() != 1:
+                raise ValueError(f"{fqn} has shape {tuple(value.shape)}; C-SGD clusters 1-D per-channel tensors only")
+            if isinstance(value, nn.Parameter) and value.requires_grad:
+                entry.tensors.append(_Tensor(fqn, value, vec_eps, self.vector_weight_decay))
+            else:
+                entry.buffers.append((fqn, value))
         return entry
 
     def check_optimizer(self, optimizer) -> None:

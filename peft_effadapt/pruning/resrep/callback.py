@@ -83,7 +83,7 @@ class ResRepCallback(PruningCallback):
             return model
         if example_inputs is None:
             raise ValueError("prepare() needs example_inputs: the FLOPs model and the equivalence check run on them.")
-        groups = find_channel_groups(model)
+        groups = find_channel_groups(model, example_inputs)
         targets = select_groups(groups, self.config.groups)
         for group in targets:
             check_group(model, group)

@@ -69,7 +69,8 @@ def check_group(model: nn.Module, group: ChannelGroup) -> None:
     kinds = [kind for _, kind in group.producers]
     if "depthwise" in kinds or (group.norms and len(group.norms) != len(group.producers)):
         raise ValueError(f"ResRep needs conv/linear producers, each optionally followed by its own BatchNorm; group "
-                         f"{group.name!r} has producers {group.producers} and norms {group.norms}.")
+                         f"{group.name!r} has producers {group.producers} and norms {group.norms} (a depthwise conv "
+                         "cannot absorb the compactor: select other groups, e.g. by glob, or use C-SGD).")
     for path in host_paths(group):
         host = model.get_submodule(path)
         if isinstance(host, _NORMS) and not host.track_running_stats:
