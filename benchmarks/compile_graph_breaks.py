@@ -1,59 +1,67 @@
-"""torch._dynamo.explain over every PEFT type of the conformance cases: graphs, graph breaks and their reasons, for
-the inference forward (eval, no_grad) and the training forward (train mode, loss.backward outside the trace).
+"""torch.compile over every PEFT type of the conformance cases: graphs, graph breaks and their reasons for the
+inference forward (eval, no_grad), two training steps (forward, backward, SGD update) and the merged model, counted
+by tests/compile_check.py (the helper tests/test_compile.py asserts this table with). With `--inductor`, the cases
+of tests/test_compile.py also run through inductor: first-call wall time (compilation included) and the largest
+absolute difference from eager (outputs; losses, first-step gradients and updated parameters).
 
-    python benchmarks/compile_graph_breaks.py   -> results/compile_graph_breaks.json (+ a markdown table printed)
+    python benchmarks/compile_graph_breaks.py [--inductor] [--cases ID ...]
+        -> results/compile_graph_breaks.json (+ a table printed); --cases re-measures those cases, keeps the others
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 from pathlib import Path
 
 import torch
-from peft import get_peft_model
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_result  # noqa: E402
+from common import RESULTS, write_result  # noqa: E402
+from compile_check import MODES, PER_TYPE, count_graphs, max_abs_difference, run_mode  # noqa: E402
 from method_cases import CASES  # noqa: E402
 
+RESULT = RESULTS / "compile_graph_breaks.json"
 
-def explain(case, training: bool) -> dict:
-    torch.manual_seed(0)
-    model = get_peft_model(case.make_model(), case.make_config(init_weights=False))
-    model.train(training)
-    inputs = case.make_inputs()
 
-    def fn(**kw):
-        return case.output(model(**kw))
-
-    torch._dynamo.reset()
-    with torch.set_grad_enabled(training):
-        out = torch._dynamo.explain(fn)(**inputs)
-    reasons = sorted({str(b.reason).splitlines()[0][:160] for b in out.break_reasons})
-    return {"graphs": out.graph_count, "graph_breaks": out.graph_break_count, "reasons": reasons}
+def modes(case) -> list[str]:
+    return [m for m in MODES if m != "merged" or case.mergeable]
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--inductor", action="store_true", help="also time inductor and compare it with eager")
+    parser.add_argument("--cases", nargs="+", help="case ids to re-measure; the other rows are kept from the file")
+    args = parser.parse_args()
     torch.set_num_threads(1)
-    rows = {}
-    for case in CASES:
-        rows[case.id] = {}
-        for mode in ("inference", "training"):
-            try:
-                rows[case.id][mode] = explain(case, mode == "training")
-            except Exception as err:  # noqa: BLE001
-                rows[case.id][mode] = {"error": f"{type(err).__name__}: {err}"[:300]}
-            print(case.id, mode, rows[case.id][mode], flush=True)
-    print("| case | inference graphs / breaks | training graphs / breaks | reasons |")
-    print("|---|---|---|---|")
+    old = json.loads(RESULT.read_text()) if args.cases and RESULT.exists() else {}
+    chosen = [c for c in CASES if not args.cases or c.id in args.cases]
+    rows = {**old.get("rows", {}), **{case.id: {mode: count_graphs(case, mode) for mode in modes(case)}
+                                      for case in chosen}}
+    rows = {case.id: rows[case.id] for case in CASES}
+    inductor = dict(old.get("inductor", {}))
+    if args.inductor:
+        for case in (c for c in chosen if c.id in PER_TYPE):
+            inductor[case.id] = {}
+            for mode in modes(case):
+                eager, compiled = run_mode(case, mode)
+                inductor[case.id][mode] = {"first_call_s": round(compiled.first_call_s, 1),
+                                           "max_abs_diff": max_abs_difference(eager, compiled.value),
+                                           **compiled.counts()}
+                print(case.id, mode, inductor[case.id][mode], flush=True)
+    print("| case | " + " | ".join(f"{m} graphs / breaks" for m in MODES) + " | reasons |")
+    print("|---|---|---|---|---|")
     for cid, r in rows.items():
-        cells = [f"{r[m].get('graphs', '-')} / {r[m].get('graph_breaks', r[m].get('error', '-'))}"
-                 for m in ("inference", "training")]
-        reasons = "; ".join(sorted(set(r["inference"].get("reasons", []) + r["training"].get("reasons", []))))
-        print(f"| {cid} | {cells[0]} | {cells[1]} | {reasons} |")
-    write_result("compile_graph_breaks", {"torch": torch.__version__, "rows": rows})
+        cells = [f"{r[m]['graphs']} / {r[m]['graph_breaks']}" if m in r else "-" for m in MODES]
+        reasons = "; ".join(sorted({x for m in r for x in r[m]["reasons"]}))
+        print(f"| {cid} | " + " | ".join(cells) + f" | {reasons} |")
+    payload = {"torch": torch.__version__, "rows": rows}
+    if inductor:
+        payload["inductor"] = inductor
+    write_result("compile_graph_breaks", payload)
 
 
 if __name__ == "__main__":

@@ -77,10 +77,27 @@ def block_attention(
     return attn_output, key
 
 
-def _attends_everywhere(mask: torch.Tensor) -> bool:
-    """True for a mask that masks nothing: all True (bool) or all 0 (additive float). A data-dependent check, so
-    under torch.compile it is a graph break before the first merging layer."""
-    return bool(mask.all()) if mask.dtype == torch.bool else bool((mask == 0).all())
+def _attends_everywhere(mask: torch.Tensor) -> torch.Tensor:
+    """0-d bool: the mask masks nothing (all True for a bool mask, all 0 for an additive float one)."""
+    return mask.all() if mask.dtype == torch.bool else (mask == 0).all()
+
+
+def drop_empty_mask(attention_mask: torch.Tensor | None, method: str, layer_name: str) -> None:
+    """Token merging changes the sequence length, so an attention/padding mask (built for the unmerged sequence)
+    cannot be used; one that masks nothing (transformers materialises such a "no padding" mask under torch.compile)
+    is dropped. Eager: a ValueError for a real mask. Under torch.compile the same message is an in-graph assert (a
+    RuntimeError when the graph runs), so the data-dependent check costs no graph break."""
+    if attention_mask is None:
+        return
+    message = (
+        f"{method} cannot use an attention/padding mask (layer {layer_name} received one): the mask is built for the "
+        "unmerged sequence and token merging changes the sequence length. Call the model without attention_mask "
+        "(ViT/CLIP images need none)."
+    )
+    if torch.compiler.is_compiling():
+        torch._assert_async(_attends_everywhere(attention_mask), message)
+    elif not bool(_attends_everywhere(attention_mask)):
+        raise ValueError(message)
 
 
 def residual_branch(block: nn.Module, layout: BlockLayout, branch: torch.Tensor, layer_scale: str | None):
@@ -119,14 +136,8 @@ def run_merging_block(
     input (default `hidden_states`)."""
     attn = getattr(block, layout.attention)
     check_attention(getattr(attn.config, "_attn_implementation", None), settings.method, f"layer {layer_name}")
-    if attention_mask is not None and _attends_everywhere(attention_mask):
-        attention_mask = None  # a materialised "no padding" mask (transformers builds one under torch.compile)
-    if attention_mask is not None:
-        raise ValueError(
-            f"{settings.method} cannot use an attention/padding mask (layer {layer_name} received one): the mask is "
-            "built for the unmerged sequence and token merging changes the sequence length. Call the model without "
-            "attention_mask (ViT/CLIP images need none)."
-        )
+    drop_empty_mask(attention_mask, settings.method, layer_name)
+    attention_mask = None
     if state is None:
         state = context.read(layer, hidden_states, layer_name)
         if layer == 0 and state.num_tokens is None:

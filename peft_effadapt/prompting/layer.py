@@ -54,19 +54,36 @@ def write_context(embeds: torch.Tensor, input_ids: torch.Tensor, context: torch.
     """Token embeddings with context rows start..start+n-1 of every prompt-format row replaced by `context` ((n, d), or (C, n, d) for
     class-specific context, where the batch must be the C class prompts in class order)."""
     rows = prompt_rows(input_ids, slots)
-    if not bool(rows.any()):
-        return embeds
     batch, start, end = embeds.shape[0], slots.start, slots.start + slots.n_ctx
+    if end > embeds.shape[1]:
+        return embeds  # too short to hold the context: no row is in prompt format
     context = context.to(embeds.dtype)
     if context.dim() == 2:
         context = context.unsqueeze(0).expand(batch, -1, -1)
-    elif context.shape[0] != batch or not bool(rows.all()):
-        raise ValueError(
-            f"class-specific context holds {context.shape[0]} class contexts, so the text batch must be the "
-            f"{context.shape[0]} class prompts in class order; got {batch} rows, {int(rows.sum())} in prompt format."
-        )
+    else:
+        check_all_rows(rows, context.shape[0], batch)
+    # No data-dependent early exit for batches without prompt rows: `where` keeps their embeddings bit for bit, and
+    # the forward stays one graph under torch.compile.
     mixed = torch.where(rows[:, None, None], context, embeds[:, start:end])
     return torch.cat([embeds[:, :start], mixed, embeds[:, end:]], dim=1)
+
+
+def check_all_rows(rows: torch.Tensor, num_contexts: int, batch: int) -> None:
+    """Per-row context (class-specific, or CoCoOp's per-image shift) needs all text rows in prompt format or none.
+    Eager: a ValueError; under torch.compile the same message as an in-graph assert (a RuntimeError when the graph
+    runs), so the check costs no graph break."""
+    if num_contexts != batch:
+        raise ValueError(
+            f"class-specific context holds {num_contexts} class contexts, so the text batch must be the "
+            f"{num_contexts} class prompts in class order; got {batch} rows."
+        )
+    message = (f"class-specific context holds {num_contexts} class contexts, so the text batch must be the "
+               f"{num_contexts} class prompts in class order, all in placeholder format (or none of them)")
+    consistent = rows.all() | ~rows.any()  # a batch without prompt rows passes through untouched
+    if torch.compiler.is_compiling():
+        torch._assert_async(consistent, message)
+    elif not bool(consistent):
+        raise ValueError(f"{message}; {int(rows.sum())} of {batch} are.")
 
 
 class ContextPromptLayer(nn.Module, BaseTunerLayer):

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 from torch import nn
 
@@ -14,8 +12,8 @@ class CoCoOpLayer(ContextPromptLayer):
     """CLIP text embeddings plus, per adapter, the context `cocoop_ctx` (n x d) and the meta-net π =
     `cocoop_meta_up` ∘ ReLU ∘ `cocoop_meta_down` (two Linears, PyTorch's default initialisation as the reference's).
 
-    Outside `conditioned(...)` the layer writes the plain context (π = 0, e.g. for text-only calls); inside, each
-    text row gets ctx + its image's shift. `CoCoOpModel.forward` sets the shifts.
+    Without a row shift the layer writes the plain context (π = 0, e.g. for text-only calls); with one, each text row
+    gets ctx + its image's shift. `CoCoOpModel.forward` sets the shifts (`set_row_shift`) around its text pass.
     """
 
     adapter_layer_names = ("cocoop_ctx", "cocoop_meta_down", "cocoop_meta_up")
@@ -67,14 +65,9 @@ class CoCoOpLayer(ContextPromptLayer):
         down, up = self.cocoop_meta_down[adapter_name], self.cocoop_meta_up[adapter_name]
         return up(nn.functional.relu(down(image_features.to(down.weight.dtype))))
 
-    @contextmanager
-    def conditioned(self, row_shift: torch.Tensor):
-        """Within the block, text row i gets ctx + row_shift[i] (rows = images x classes, image-major)."""
+    def set_row_shift(self, row_shift: torch.Tensor | None) -> None:
+        """Until reset to None, text row i gets ctx + row_shift[i] (rows = images x classes, image-major)."""
         self._row_shift = row_shift
-        try:
-            yield
-        finally:
-            self._row_shift = None
 
     def context(self, adapter_name: str) -> torch.Tensor:
         ctx = self.cocoop_ctx[adapter_name]

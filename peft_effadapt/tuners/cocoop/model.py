@@ -33,10 +33,13 @@ def conditioned_clip_forward(clip: CLIPModel, *args, **kwargs):
     image = nn.functional.normalize(_pooled(clip.get_image_features(pixel_values=pixel_values)), dim=-1)
     images, classes = image.shape[0], input_ids.shape[0]
     mask = kwargs.get("attention_mask")
-    with layer.conditioned(layer.shift(name, image).repeat_interleave(classes, dim=0)):
+    layer.set_row_shift(layer.shift(name, image).repeat_interleave(classes, dim=0))
+    try:  # not a `with` block: torch.compile cannot trace a generator context manager (a graph break)
         text = _pooled(clip.get_text_features(
             input_ids=input_ids.repeat(images, 1),
             attention_mask=mask.repeat(images, 1) if mask is not None else None))
+    finally:
+        layer.set_row_shift(None)
     text = nn.functional.normalize(text, dim=-1).view(images, classes, -1)
     logits = clip.logit_scale.exp().to(image.dtype) * torch.einsum("bp,bcp->bc", image, text.to(image.dtype))
     return CLIPOutput(logits_per_image=logits, logits_per_text=logits.t(), text_embeds=text, image_embeds=image)

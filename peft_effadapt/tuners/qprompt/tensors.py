@@ -123,8 +123,14 @@ class QuantizedTensors(nn.Module):
         return None
 
     # -- forward ------------------------------------------------------------------------------------------------
+    @torch.compiler.disable
     def value(self, name: str, training: bool) -> torch.Tensor:
-        """The tensor as used in the forward pass: quantised (STE) if selected, else the latent itself."""
+        """The tensor as used in the forward pass: quantised (STE) if selected, else the latent itself.
+
+        Runs eagerly under torch.compile: the quantiser's control flow reads tensor values (loaded-form detection,
+        cached quantisations, K-means to a tolerance, the refit schedule), and traced by inductor it trained to other
+        values than eager (second-step loss off by 2e-5 relative; likely the fp16 round trip of the stored codebook,
+        which inductor need not round inside a fused kernel)."""
         latent = getattr(self, name)
         if name not in self.quantizers:
             return latent

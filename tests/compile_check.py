@@ -1,0 +1,125 @@
+"""torch.compile over the conformance cases (tests/method_cases.py): one helper for tests/test_compile.py and
+benchmarks/compile_graph_breaks.py, so the committed table of graphs and graph breaks is what the tests assert.
+
+Graphs are counted by a backend that wraps the real one (inductor, or dynamo's "eager" for a quick count: dynamo
+splits the graphs before any backend sees them, so both count the same); graph breaks and their reasons come from
+dynamo's own counters.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from peft import get_peft_model
+from torch._dynamo.utils import counters
+
+MODES = ("inference", "training", "merged")
+# One case per PEFT type, the smallest model of each: the cases tests/test_compile.py runs through inductor.
+PER_TYPE = ("consolidator-clip-vision", "coop-clip", "cocoop-clip", "rlp-clip", "qprompt-coop-clip", "maple-clip",
+            "tome-vit-cls", "pyra-vit-cls", "tempme-clip")
+
+
+@dataclass
+class CountingBackend:
+    """A torch.compile backend that counts the graphs it is given and compiles them with `backend`."""
+
+    backend: str = "inductor"
+    graphs: int = 0
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs):
+        self.graphs += 1
+        if self.backend == "inductor":
+            from torch._inductor.compile_fx import compile_fx
+
+            return compile_fx(gm, example_inputs)
+        return gm.forward  # "eager": run the captured graph as is
+
+
+@dataclass
+class Compiled:
+    """One compiled call: its output(s), its graphs and breaks (with reasons) and the wall time of the first call,
+    compilation included."""
+
+    value: object
+    graphs: int
+    graph_breaks: int
+    reasons: list[str] = field(default_factory=list)
+    first_call_s: float = 0.0
+
+    def counts(self) -> dict:
+        return {"graphs": self.graphs, "graph_breaks": self.graph_breaks, "reasons": self.reasons}
+
+
+def build(case, merged: bool = False):
+    """The case's PEFT model with its visibly non-identity adapter (deterministic: two calls give equal models)."""
+    torch.manual_seed(0)
+    model = get_peft_model(case.make_model(), case.make_config(init_weights=False))
+    return model.merge_and_unload() if merged else model
+
+
+def compiled_call(fn: Callable, backend: str = "inductor") -> Compiled:
+    """Runs `fn(compile)` once, where `compile(module)` is `torch.compile(module, backend=<counting backend>)`
+    (fullgraph=False, the default), after a fresh dynamo state."""
+    torch._dynamo.reset()
+    counters.clear()
+    counting = CountingBackend(backend)
+    start = time.perf_counter()
+    value = fn(lambda module: torch.compile(module, backend=counting))
+    elapsed = time.perf_counter() - start
+    breaks = counters["graph_break"]
+    reasons = sorted({str(reason).splitlines()[0][:160] for reason in breaks})
+    return Compiled(value, counting.graphs, sum(breaks.values()), reasons, elapsed)
+
+
+def inference(case, model, compile_fn=None) -> torch.Tensor:
+    """The compared output in eval mode without gradients (through `compile_fn(model)` if given)."""
+    model.eval()
+    fn = model if compile_fn is None else compile_fn(model)
+    with torch.no_grad():
+        return case.output(fn(**case.make_inputs()))
+
+
+def training_step(case, model, compile_fn=None, steps: int = 2, lr: float = 0.1) -> dict:
+    """`steps` SGD steps in train mode; returns the losses, the trainable gradients of the first step and the
+    trainable parameters after the last step."""
+    model.train()
+    fn = model if compile_fn is None else compile_fn(model)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.SGD(params.values(), lr=lr)
+    losses, grads = [], {}
+    for step in range(steps):
+        optimizer.zero_grad()
+        loss = case.train_loss(case.output(fn(**case.make_inputs())))
+        loss.backward()
+        if step == 0:
+            grads = {n: p.grad.detach().clone() for n, p in params.items() if p.grad is not None}
+        optimizer.step()
+        losses.append(loss.detach())
+    return {"losses": torch.stack(losses), "grads": grads,
+            "params": {n: p.detach().clone() for n, p in params.items()}}
+
+
+def run_mode(case, mode: str, backend: str = "inductor") -> tuple[object, Compiled]:
+    """(eager result, compiled result) of `mode` in MODES for `case`, each on its own freshly built model."""
+    merged = mode == "merged"
+    step = training_step if mode == "training" else inference
+    eager = step(case, build(case, merged))
+    model = build(case, merged)
+    return eager, compiled_call(lambda compile_fn: step(case, model, compile_fn), backend)
+
+
+def count_graphs(case, mode: str) -> dict:
+    """Graphs, breaks and reasons of `mode` as `run_mode` compiles it, counted without inductor (seconds)."""
+    return run_mode(case, mode, backend="eager")[1].counts()
+
+
+def max_abs_difference(eager, compiled) -> float:
+    """Largest absolute difference over an output tensor or every tensor of a `training_step` result."""
+    if torch.is_tensor(eager):
+        return float((eager - compiled).abs().max())
+    pairs = [(eager["losses"], compiled["losses"])]
+    pairs += [(eager[k][n], compiled[k][n]) for k in ("grads", "params") for n in eager[k]]
+    return max(float((a - b).abs().max()) for a, b in pairs)

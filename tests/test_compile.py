@@ -1,0 +1,104 @@
+"""torch.compile (inductor, CPU, fullgraph=False) against eager for every PEFT type: the inference forward, two SGD
+steps (forward, backward, update) and the merged model, plus the graphs and graph breaks of each, which must be
+those of the committed table (benchmarks/results/compile_graph_breaks.json, written by
+benchmarks/compile_graph_breaks.py through the same helper, tests/compile_check.py).
+
+Tolerance: tests/fp32.py. Inductor fuses and reorders fp32 reductions (matmul blocking, softmax and layer-norm sums),
+which moves results by a few ulp of their scale, the same order as another attention kernel; a wrong row, mask or
+gradient moves them by far more. Inductor compiles C++ on the first call of each graph, tens of seconds per case on
+2 cores, so the module is marked slow (.ci/run runs it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from compile_check import PER_TYPE, build, compiled_call, run_mode
+from fp32 import assert_fp32_close
+from method_cases import CASES
+
+pytestmark = pytest.mark.slow
+
+TABLE = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "compile_graph_breaks.json"
+BY_ID = {case.id: case for case in CASES}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def committed(case_id: str, mode: str) -> dict:
+    row = json.loads(TABLE.read_text())["rows"][case_id][mode]
+    return {k: row[k] for k in ("graphs", "graph_breaks", "reasons")}
+
+
+def test_the_table_covers_every_type_and_mode():
+    rows = json.loads(TABLE.read_text())["rows"]
+    assert set(rows) == {case.id for case in CASES}
+    for case in CASES:
+        assert set(rows[case.id]) == {"inference", "training"} | ({"merged"} if case.mergeable else set())
+
+
+@pytest.mark.parametrize("case_id", PER_TYPE)
+def test_compiled_inference_equals_eager(case_id):
+    case = BY_ID[case_id]
+    expected, compiled = run_mode(case, "inference")
+    assert_fp32_close(compiled.value, expected)
+    assert compiled.counts() == committed(case_id, "inference")
+
+
+@pytest.mark.parametrize("case_id", PER_TYPE)
+def test_compiled_training_steps_equal_eager(case_id):
+    """Same losses, same adapter gradients, same parameters after two SGD steps (the second step runs the compiled
+    graph on the updated parameters)."""
+    case = BY_ID[case_id]
+    expected, compiled = run_mode(case, "training")
+    got = compiled.value
+    assert expected["grads"] and set(got["grads"]) == set(expected["grads"])
+    assert_fp32_close(got["losses"], expected["losses"])
+    for name, grad in expected["grads"].items():
+        assert_fp32_close(got["grads"][name], grad, msg=name)
+    for name, param in expected["params"].items():
+        assert_fp32_close(got["params"][name], param, msg=name)
+    assert compiled.counts() == committed(case_id, "training")
+
+
+@pytest.mark.parametrize("case_id", [i for i in PER_TYPE if BY_ID[i].mergeable])
+def test_compiled_merged_model_equals_eager(case_id):
+    case = BY_ID[case_id]
+    expected, compiled = run_mode(case, "merged")
+    assert_fp32_close(compiled.value, expected)
+    assert compiled.counts() == committed(case_id, "merged")
+
+
+def test_compiled_token_merging_drops_an_empty_mask_and_refuses_a_real_one():
+    """A materialised "no padding" mask (eager attention builds one from an all-ones attention_mask) compiles without
+    a break and is dropped; a real padding mask through the same graph fails with the eager error's message."""
+    case = BY_ID["tome-vit-cls"]
+    model = build(case).eval()
+    model.config._attn_implementation = "eager"  # sdpa would skip a mask that masks nothing before it reaches us
+    x = case.make_inputs()["pixel_values"]
+    tokens = model.base_model.planned_token_counts()[0]
+    with torch.no_grad():
+        expected = model(pixel_values=x).logits
+    padding = torch.ones(x.shape[0], tokens)
+    padding[:, -3:] = 0
+
+    def calls(compile_fn):
+        fn = compile_fn(model)
+        with torch.no_grad():
+            out = fn(pixel_values=x, attention_mask=torch.ones(x.shape[0], tokens)).logits
+            with pytest.raises(RuntimeError, match="cannot use an attention/padding mask"):
+                fn(pixel_values=x, attention_mask=padding)
+        return out
+
+    compiled = compiled_call(calls)
+    assert_fp32_close(compiled.value, expected)
+    assert (compiled.graphs, compiled.graph_breaks) == (1, 0)
