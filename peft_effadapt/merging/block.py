@@ -16,6 +16,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.vit.modeling_vit import eager_attention_forward as vit_eager_attention
 
+from ..validation.inputs import require
 from .families import BlockLayout, check_attention
 from .matching import bipartite_soft_matching, log_size_bias, max_mergeable, merge_source, merge_wavg
 from .state import MergeContext, MergeSettings, TokenState
@@ -82,11 +83,10 @@ def _attends_everywhere(mask: torch.Tensor) -> torch.Tensor:
     return mask.all() if mask.dtype == torch.bool else (mask == 0).all()
 
 
-def drop_empty_mask(attention_mask: torch.Tensor | None, method: str, layer_name: str) -> None:
+def check_no_padding_mask(attention_mask: torch.Tensor | None, method: str, layer_name: str) -> None:
     """Token merging changes the sequence length, so an attention/padding mask (built for the unmerged sequence)
     cannot be used; one that masks nothing (transformers materialises such a "no padding" mask under torch.compile)
-    is dropped. Eager: a ValueError for a real mask. Under torch.compile the same message is an in-graph assert (a
-    RuntimeError when the graph runs), so the data-dependent check costs no graph break."""
+    may be passed and is then ignored by the caller. A real mask fails `validation.require`."""
     if attention_mask is None:
         return
     message = (
@@ -94,10 +94,7 @@ def drop_empty_mask(attention_mask: torch.Tensor | None, method: str, layer_name
         "unmerged sequence and token merging changes the sequence length. Call the model without attention_mask "
         "(ViT/CLIP images need none)."
     )
-    if torch.compiler.is_compiling():
-        torch._assert_async(_attends_everywhere(attention_mask), message)
-    elif not bool(_attends_everywhere(attention_mask)):
-        raise ValueError(message)
+    require(_attends_everywhere(attention_mask), message)
 
 
 def residual_branch(block: nn.Module, layout: BlockLayout, branch: torch.Tensor, layer_scale: str | None):
@@ -136,7 +133,7 @@ def run_merging_block(
     input (default `hidden_states`)."""
     attn = getattr(block, layout.attention)
     check_attention(getattr(attn.config, "_attn_implementation", None), settings.method, f"layer {layer_name}")
-    drop_empty_mask(attention_mask, settings.method, layer_name)
+    check_no_padding_mask(attention_mask, settings.method, layer_name)
     attention_mask = None
     if state is None:
         state = context.read(layer, hidden_states, layer_name)

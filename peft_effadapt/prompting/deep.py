@@ -152,9 +152,12 @@ def install_hooks(layer: DeepPromptLayer, model: nn.Module) -> None:
         def hook(module, args, kwargs):
             name, shape = active_at(i)
             rows = layer._prompt_rows
+            if name is None or rows is None:
+                return None
             hidden = _hidden(args, kwargs)
-            start, end = (0, 0) if name is None else (layer.slots(name).start, layer.slots(name).start + shape.n_ctx)
-            if name is None or rows is None or hidden.shape[1] < end:
+            start = layer.slots(name).start
+            end = start + shape.n_ctx
+            if hidden.shape[1] < end:
                 return None  # rows without the placeholder keep their states through `where` (no data-dependent exit)
             prompt = layer.deep_value(name, f"deep_text_{i}").to(hidden.dtype)
             mixed = torch.where(rows[:, None, None], prompt.expand(hidden.shape[0], -1, -1), hidden[:, start:end])

@@ -22,6 +22,8 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from ..validation.inputs import require
+
 
 @dataclass(frozen=True)
 class PromptSlots:
@@ -69,9 +71,8 @@ def write_context(embeds: torch.Tensor, input_ids: torch.Tensor, context: torch.
 
 
 def check_all_rows(rows: torch.Tensor, num_contexts: int, batch: int) -> None:
-    """Per-row context (class-specific, or CoCoOp's per-image shift) needs all text rows in prompt format or none.
-    Eager: a ValueError; under torch.compile the same message as an in-graph assert (a RuntimeError when the graph
-    runs), so the check costs no graph break."""
+    """Per-row context (class-specific, or CoCoOp's per-image shift) needs all text rows in prompt format or none
+    (`validation.require`: a ValueError eagerly, an in-graph assert under torch.compile)."""
     if num_contexts != batch:
         raise ValueError(
             f"class-specific context holds {num_contexts} class contexts, so the text batch must be the "
@@ -79,11 +80,8 @@ def check_all_rows(rows: torch.Tensor, num_contexts: int, batch: int) -> None:
         )
     message = (f"class-specific context holds {num_contexts} class contexts, so the text batch must be the "
                f"{num_contexts} class prompts in class order, all in placeholder format (or none of them)")
-    consistent = rows.all() | ~rows.any()  # a batch without prompt rows passes through untouched
-    if torch.compiler.is_compiling():
-        torch._assert_async(consistent, message)
-    elif not bool(consistent):
-        raise ValueError(f"{message}; {int(rows.sum())} of {batch} are.")
+    # a batch without prompt rows passes through untouched
+    require(rows.all() | ~rows.any(), message, lambda: f"; {int(rows.sum())} of {batch} are.")
 
 
 class ContextPromptLayer(nn.Module, BaseTunerLayer):
