@@ -9,6 +9,7 @@ called::
 """
 
 from . import compat
+from .compiling import compile_for_inference
 from .active import ActiveAdaptationLoop, ContrastiveActiveSampler, ImagePreprocess, LFTLConfig, VPATrainer
 from .pruning import (
     CentripetalSGDCallback,
@@ -64,6 +65,8 @@ __all__ = [
     "ToMeConfig",
     "ToMeModel",
     "pyra_param_groups",
+    # inference: one compiled graph (CUDA graphs on a GPU) for every PEFT type and slimmed model
+    "compile_for_inference",
     # tasks: CLIP classification and text-video retrieval on top of an adapted model
     "CLIPVideoRetrieval",
     "CLIPZeroShotClassifier",
