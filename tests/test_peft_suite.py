@@ -91,7 +91,10 @@ class Models(peft_custom.MockTransformerWrapper):
 CASES = [
     ("Consolidator MLP", "MLP", ConsolidatorConfig, {"target_modules": ["lin0", "lin1"]}),
     ("Consolidator MLP one layer", "MLP", ConsolidatorConfig, {"target_modules": ["lin0"]}),
+    ("Consolidator MLP two branches", "MLP", ConsolidatorConfig, {"target_modules": ["lin0", "lin1"], "fc_groups": [2, 1]}),
     ("Consolidator tiny ViT default", "TinyViT", ConsolidatorConfig, {}),
+    ("Consolidator tiny ViT two branches DropPath", "TinyViT", ConsolidatorConfig,
+     {"fc_groups": [16, 8], "channel_shuffle": [True, False], "rep_drop": 0.3}),
     ("PYRA tiny ViT default", "TinyViT", PYRAConfig, {}),
 ]
 
