@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._version import __version__
 from .flops import round_to as _round_to
 from .groups import ChannelGroup
 
@@ -90,8 +91,6 @@ class SlimmingPlan:
                                  f"round_to={self.round_to} (nor its full size {plan.group.size}).")
 
     def to_dict(self) -> dict:
-        from .. import __version__
-
         return {
             "format_version": FORMAT_VERSION,
             "library": "peft_effadapt",
