@@ -1,6 +1,6 @@
 """mkdocs hooks of the documentation site (mkdocs.yml `hooks:`).
 
-* The home page is the repository's README.md (docs/index.md holds only the marker `--8<-- README`).
+* The home page is the repository's README.md (docs/index.md holds only a comment and the marker `--8<-- README`).
 * Links are written as on GitHub, relative to the Markdown file they sit in: in docs/ pages (`rlp.md`,
   `../benchmarks/results/pyra.png`) and in README.md (`docs/rlp.md`). A link that leaves docs/ (a plot, a results
   JSON, an example script, the CHANGELOG) gets its target copied into the site under `repo/<path>` at build time and
@@ -83,7 +83,7 @@ def on_files(files, config, **kwargs):
 def on_page_markdown(markdown, page, config, files, **kwargs):
     """The README as the home page; links that leave docs/ point to their copies (or including pages) in the site."""
     src_uri = page.file.src_uri
-    if markdown.strip() == README_MARKER:
+    if re.sub(r"<!--.*?-->", "", markdown, flags=re.S).strip() == README_MARKER:
         markdown = (REPO / "README.md").read_text()
     source = _source(src_uri)
     page_dir = posixpath.dirname(src_uri)
