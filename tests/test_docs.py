@@ -4,12 +4,14 @@ run, no mkdocs needed); marked slow, `mkdocs build --strict` and the built pages
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -43,6 +45,26 @@ def test_the_reference_check_finds_each_gap(tmp_path):
     gaps = api_reference.reference_gaps(tmp_path)
     assert "page.md documents peft_effadapt.NotAName, which is not in __all__" in gaps
     assert "peft_effadapt.ConsolidatorConfig is in __all__ but on no page of " + tmp_path.name + "/" in gaps
+
+
+def docstring_examples() -> list:
+    """(name, code) of every ```python example in the docstrings of the public names."""
+    import peft_effadapt
+
+    found = []
+    for name in peft_effadapt.__all__:
+        doc = inspect.getdoc(getattr(peft_effadapt, name)) or ""
+        found += [pytest.param(code, id=name) for code in re.findall(r"```python\n(.*?)```", doc, re.S)]
+    return found
+
+
+@pytest.mark.parametrize("code", docstring_examples())
+def test_docstring_examples_run(code, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+           "PYTHONWARNINGS": "error"}
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and result.stderr == "", result.stderr[-3000:]
 
 
 def _need(tool_found: bool, what: str) -> None:

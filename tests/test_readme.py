@@ -64,9 +64,10 @@ def test_the_quick_start_fits_the_readme():
 def test_every_document_has_been_collected():
     blocks = {path.relative_to(REPO).as_posix(): python_blocks(path) for path in DOCUMENTS}
     assert len(blocks["README.md"]) == 1, blocks["README.md"]  # the quick start
+    assert blocks["docs/guides/hub.md"] and blocks["docs/guides/trainer.md"] and blocks["docs/guides/custom-cnn.md"]
     for page in ("consolidator", "rlp", "qprompt", "pyra", "tempme", "csgd", "resrep", "lftl"):
         assert blocks[f"docs/{page}.md"] or page == "consolidator", page  # Consolidator's is the quick start
-    assert sum(len(found) for found in blocks.values()) >= 14, {k: len(v) for k, v in blocks.items()}
+    assert sum(len(found) for found in blocks.values()) >= 11, {k: len(v) for k, v in blocks.items()}
 
 
 def test_a_skip_marker_needs_a_reason(tmp_path):
