@@ -118,3 +118,28 @@ def test_the_site_builds_strictly_and_renders_in_chromium(tmp_path):
             assert raw not in prose, (page, raw)
     api = chromium("--dump-dom", (site / "api" / "peft-types" / "index.html").as_uri()).stdout
     assert 'id="peft_effadapt.ConsolidatorConfig"' in api and "fc_groups" in api  # generated from the docstrings
+
+
+def test_links_that_leave_docs_point_to_copies_in_the_site():
+    pytest.importorskip("mkdocs")
+    from types import SimpleNamespace
+
+    import pages as hooks  # docs/hooks/pages.py (docs/hooks is first on sys.path)
+    from mkdocs.exceptions import PluginError
+
+    assert Path(hooks.__file__).parent == REPO / "docs" / "hooks"
+
+    def render(markdown: str, src_uri: str) -> str:
+        return hooks.on_page_markdown(markdown, SimpleNamespace(file=SimpleNamespace(src_uri=src_uri)), None, None)
+
+    guide = "![plot](../../benchmarks/results/pyra.png) [code](```not a link```) [page](../pyra.md#tome)"
+    assert render(guide, "guides/trainer.md") == (
+        "![plot](../repo/benchmarks/results/pyra.png) [code](```not a link```) [page](../pyra.md#tome)")
+    assert render("[log](../CHANGELOG.md) [x](https://example.org)", "pyra.md") == (
+        "[log](changelog.md) [x](https://example.org)")
+    home = render(hooks.README_MARKER, "index.md")
+    assert "](rlp.md)" in home and "](docs/" not in home
+    with pytest.raises(PluginError, match="does not exist"):
+        render("[gone](../benchmarks/results/nothing.png)", "pyra.md")
+    with pytest.raises(PluginError, match="outside the repository"):
+        render("[out](../../../etc/passwd)", "pyra.md")

@@ -29,7 +29,7 @@ README_MARKER = "--8<-- README"
 OUTSIDE = "repo"  # site folder of the files linked from outside docs/
 LINK = re.compile(r"(!?\[[^\]]*\]\()([^)\s]+)(\))")
 FENCE = re.compile(r"^(```|~~~).*?^\1\s*$", re.S | re.M)
-INCLUDED_AS_PAGE = {"CHANGELOG.md": "changelog.md"}  # files outside docs/ whose content a page includes
+INCLUDED_AS_PAGE = {"CHANGELOG.md": "changelog.md", "README.md": "index.md"}  # outside docs/, shown by a page
 
 
 def _source(src_uri: str) -> Path:
