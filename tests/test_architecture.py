@@ -95,8 +95,58 @@ def violations(package_dir: Path) -> list[str]:
     return found
 
 
+def import_cycles(package_dir: Path) -> list[list[str]]:
+    """Every set of two or more modules that import each other, directly or round a circle (Tarjan's strongly
+    connected components of the import graph; lazy imports count, as everywhere in this file)."""
+    graph: dict[str, set[str]] = {}
+    for importer, imported, _ in import_graph(package_dir):
+        if importer != imported:
+            graph.setdefault(importer, set()).add(imported)
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for target in sorted(graph.get(module, ())):
+            if target not in index:
+                visit(target)
+                low[module] = min(low[module], low[target])
+            elif target in stack:
+                low[module] = min(low[module], index[target])
+        if low[module] == index[module]:
+            component = stack[stack.index(module):]
+            del stack[stack.index(module):]
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return cycles
+
+
 def test_the_package_follows_the_import_rule():
     assert violations(PACKAGE_DIR) == []
+
+
+def test_no_modules_import_each_other():
+    """Two modules never import each other (rule 6): a shared piece moves below both, e.g. pruning's `ChannelGroup`
+    into `channel_group.py`, read by the rules (`groups.py`) and the tracer (`tracing.py`)."""
+    assert import_cycles(PACKAGE_DIR) == []
+
+
+def test_a_circle_of_imports_is_caught(tmp_path):
+    package = _write(tmp_path / "pkg", {
+        "__init__.py": "", "pruning/__init__.py": "", "pruning/groups.py": "from .tracing import trace\n",
+        "pruning/tracing.py": "def trace():\n    from .groups import ChannelGroup\n",
+        "tasks/__init__.py": "from ..testing import data\n", "testing/__init__.py": "",
+        "testing/data.py": "from ..tasks import clip\n", "tasks/clip.py": "",
+    })
+    assert import_cycles(package) == [["pkg.pruning.groups", "pkg.pruning.tracing"],
+                                      ["pkg.tasks", "pkg.testing.data"]]
 
 
 def test_the_graph_sees_relative_absolute_and_lazy_imports():

@@ -14,16 +14,17 @@ class PruningConfig:
     """Options common to C-SGD and ResRep.
 
     Args:
-        groups: which channel groups to prune: "internal" (layers inside blocks / MLPs), "streams" (residual streams
+        groups: Which channel groups to prune: "internal" (layers inside blocks / MLPs), "streams" (residual streams
             and the stem), "all", a list of glob patterns on group names / producer paths, or a list of
             `ChannelGroup`.
-        round_to: keep every pruned width a multiple of this (or the full width); None or 1 = any width.
-        slim_on_train_end: slim the model in place when `Trainer.train()` ends.
-        check_equivalence, equivalence_tol: compare eval outputs of the unslimmed (converted) and the slimmed model;
-            the allowed change is `equivalence_tol * max(1, max |output|)`.
-        save_dir: where the main process writes the slimmed model (`save_slimmed`) after slimming on train end; a
+        round_to: Keep every pruned width a multiple of this (or the full width); None or 1 = any width.
+        slim_on_train_end: Slim the model in place when `Trainer.train()` ends.
+        check_equivalence: Compare the eval outputs of the unslimmed (converted) and the slimmed model before keeping
+            the slimmed one.
+        equivalence_tol: The allowed change of that check is `equivalence_tol * max(1, max |output|)`.
+        save_dir: Where the main process writes the slimmed model (`save_slimmed`) after slimming on train end; a
             relative path is taken inside `TrainingArguments.output_dir`; None = do not save.
-        allow_adaptive_optimizer: accept Adam-type optimizers (refused by default: per-element step sizes change the
+        allow_adaptive_optimizer: Accept Adam-type optimizers (refused by default: per-element step sizes change the
             method's regulariser; see each method).
     """
 

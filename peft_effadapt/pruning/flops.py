@@ -145,10 +145,24 @@ class FlopsModel:
 
 def widths_for_flops(model: nn.Module, example_inputs, flops_ratio: float, groups="all", *,
                      round_to: int | None = None) -> dict[str, int]:
-    """Per-group widths `{group name: width}` from one uniform keep ratio over the groups chosen by `groups` (a
-    family "internal" / "streams" / "all", globs, or `ChannelGroup`s; see `select_groups`): the largest ratio whose
-    FLOPs (this module's convention) are at most `flops_ratio` of the model's. Groups left at full width are omitted.
-    Usable as C-SGD's `keep_ratio` or with `plan_from_widths`."""
+    """Per-group widths that bring the model to a FLOPs target with one uniform keep ratio.
+
+    The largest ratio whose FLOPs (counted with `torch.utils.flop_counter`, 2 per MAC) are at most `flops_ratio` of the
+    model's, over the groups chosen by `groups`. Usable as C-SGD's `keep_ratio` or with `plan_from_widths`.
+
+    Args:
+        model (nn.Module): The unslimmed model.
+        example_inputs: One batch (a tensor, a tuple of positional inputs or a dict of keyword inputs) to count FLOPs.
+        flops_ratio (float): Target fraction of the model's FLOPs, in (0, 1].
+        groups: A family ("internal", "streams", "all"), glob patterns, or `ChannelGroup`s (see `select_groups`).
+        round_to (int | None): Keep every width a multiple of this.
+
+    Returns:
+        dict[str, int]: `{group name: width}`; groups left at full width are omitted.
+
+    Raises:
+        ValueError: A ratio outside (0, 1], or a target that one channel per group cannot reach.
+    """
     from .groups import find_channel_groups, select_groups
 
     if isinstance(flops_ratio, bool) or not isinstance(flops_ratio, (int, float)) or not 0 < flops_ratio <= 1:

@@ -17,8 +17,23 @@ CONFIG_MIRROR = "peft_effadapt_slimming"
 
 
 def save_slimmed(model: nn.Module, plan: SlimmingPlan | None, directory: str | os.PathLike) -> Path:
-    """Writes `model.safetensors` (+ `config.json` for HF models, which also gets a short mirror of the plan under
-    `peft_effadapt_slimming`) and `slimming_plan.json`. `plan=None` uses the plan recorded by `apply_plan`."""
+    """Saves a slimmed model with its slimming plan, so that [`load_slimmed`] rebuilds it exactly.
+
+    Writes `model.safetensors` (+ `config.json` for HF models, which also gets a short mirror of the plan under
+    `peft_effadapt_slimming`) and `slimming_plan.json`.
+
+    Args:
+        model (nn.Module): The slimmed model.
+        plan (SlimmingPlan | None): The plan it was slimmed with; None uses the plan recorded by `apply_plan` (and
+            by the pruning callbacks).
+        directory (str | os.PathLike): Folder to write (created if missing).
+
+    Returns:
+        Path: The folder written.
+
+    Raises:
+        ValueError: No plan given or recorded, or a plan that differs from the recorded one.
+    """
     from safetensors.torch import save_file
 
     recorded = applied_plan(model)
@@ -52,12 +67,27 @@ def save_slimmed(model: nn.Module, plan: SlimmingPlan | None, directory: str | o
 
 def load_slimmed(directory: str | os.PathLike, model_class=None, *, revision: str | None = None,
                  **kwargs) -> nn.Module:
-    """Rebuilds the slimmed model saved by `save_slimmed` (a folder, or a Hub repo id pushed with
-    `peft_effadapt.hub.push_slimmed_model_to_hub`): the stock architecture from `config.json` (class from
-    `config.architectures` unless `model_class` is given), the plan applied, every tensor shape checked against
-    `model.safetensors`, then a strict load. For plain torch models pass `model_class` as a zero-argument factory
-    of the unslimmed model. Returns the model in eval mode; raises before loading anything if plan and weights do
-    not match. `ignore_mismatched_sizes` is refused (it would re-initialise pruned layers silently)."""
+    """Rebuilds a slimmed model saved by [`save_slimmed`].
+
+    The stock architecture from `config.json` (class from `config.architectures` unless `model_class` is given), the
+    plan applied, every tensor shape checked against `model.safetensors`, then a strict load.
+    `ignore_mismatched_sizes` is refused (it would re-initialise pruned layers silently).
+
+    Args:
+        directory (str | os.PathLike): A folder, or a Hub repo id pushed with
+            `peft_effadapt.hub.push_slimmed_model_to_hub`.
+        model_class (optional): The model class; for plain torch models a zero-argument factory of the unslimmed model.
+        revision (str | None): Hub revision of a repo id.
+        **kwargs: Passed on to `from_pretrained` for the config.
+
+    Returns:
+        nn.Module: The slimmed model in eval mode.
+
+    Raises:
+        ValueError: Plan and weights do not match (before anything is loaded), no known architecture, or
+            `ignore_mismatched_sizes=True`.
+        FileNotFoundError: No `model.safetensors` in the folder.
+    """
     from safetensors import safe_open
     from safetensors.torch import load_file
 

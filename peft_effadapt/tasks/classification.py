@@ -55,13 +55,35 @@ class CLIPZeroShotClassifier(nn.Module):
     `forward(pixel_values, labels=None)` returns `loss` (cross-entropy) and `logits` = exp(logit_scale) * cos, so the
     classifier trains under `transformers.Trainer`. On a `SiglipModel` the head is SigLIP's own: `logits` =
     exp(logit_scale) * cos + logit_bias and `loss` is its sigmoid loss on one-hot labels (`sigmoid_loss`); prompts
-    follow SigLIP's layout (no BOS, "X*n {name}{suffix} </s>" padded to max_length, no attention mask). Text features are cached in eval mode and recomputed whenever
-    the class names, any text-tower or adapter parameter (in-place updates, loads), the active adapter, the
-    disabled state or the merge state change.
+    follow SigLIP's layout (no BOS, "X*n {name}{suffix} </s>" padded to max_length, no attention mask). Text features
+    are cached in eval mode and recomputed whenever the class names, any text-tower or adapter parameter (in-place
+    updates, loads), the active adapter, the disabled state or the merge state change.
+    `set_class_names(names)` switches to other classes (e.g. the novel ones).
 
-    Tokenizer-free use (tests, custom vocabularies): pass `class_token_ids` (ids of "{name}{suffix}" per class),
-    `template_token_ids` (ids of the template's words before the class, for the zero-shot prompts) and
-    `special_token_ids=(bos, eos, pad)` (SigLIP: bos is ignored, give None).
+    Args:
+        model (nn.Module): A `CLIPModel` / `SiglipModel`, or a PeftModel around one.
+        tokenizer (optional): The model's tokenizer; not needed with the token-id arguments below.
+        class_names (Sequence[str] | None): The classes, in label order.
+        template (str): The zero-shot prompt, used without an active prompt adapter.
+        class_token_ids (list[list[int]] | None): Tokenizer-free use (tests, custom vocabularies): ids of
+            "{name}{suffix}" per class.
+        template_token_ids (list[int] | None): Ids of the template's words before the class (zero-shot prompts).
+        special_token_ids (tuple[int, int, int] | None): `(bos, eos, pad)`; SigLIP: bos is ignored, give None.
+
+    Raises:
+        TypeError: The model is not a CLIP or SigLIP model (e.g. a ViT).
+        ValueError: Neither a tokenizer nor token ids.
+
+    Example:
+        ```python
+        import torch
+        from peft_effadapt import CLIPZeroShotClassifier
+        from peft_effadapt.testing import load_tiny_clip
+
+        clip, processor = load_tiny_clip()
+        classifier = CLIPZeroShotClassifier(clip, processor.tokenizer, ["circle", "square", "star"])
+        print(classifier(torch.randn(2, 3, 32, 32)).logits.shape)  # (2, 3)
+        ```
     """
 
     def __init__(
@@ -286,9 +308,23 @@ def dataset_accuracy(classifier: CLIPZeroShotClassifier, dataset, to_pixel_value
 def evaluate_base_to_novel(classifier: CLIPZeroShotClassifier, base_test, novel_test, to_pixel_values: Callable, *,
                            label_column: str = "label", image_column: str = "image",
                            batch_size: int = 256) -> dict[str, float]:
-    """CoOp base-to-novel protocol: accuracy on the base test split with only the base class names, on the novel
-    test split with only the novel class names (two separate problems), and their harmonic mean (all in %), by the
-    package's `evaluate` module `base_to_novel`."""
+    """CoOp's base-to-novel protocol.
+
+    Accuracy on the base test split with only the base class names, on the novel test split with only the novel class
+    names (two separate problems), and their harmonic mean, by the package's `evaluate` module `base_to_novel`.
+
+    Args:
+        classifier (CLIPZeroShotClassifier): The classifier to evaluate (its class names are set per split).
+        base_test (datasets.Dataset): The base classes' test split (a `ClassLabel` label column names the classes).
+        novel_test (datasets.Dataset): The novel classes' test split.
+        to_pixel_values (Callable): Images -> `pixel_values` (e.g. the processor's).
+        label_column (str): The label column.
+        image_column (str): The image column.
+        batch_size (int): Images per forward.
+
+    Returns:
+        dict[str, float]: `base`, `novel` and `hm` accuracies, in %.
+    """
     args = (to_pixel_values, label_column, image_column, batch_size)
     (base_pred, base_ref), (novel_pred, novel_ref) = (_dataset_predictions(classifier, split, *args)
                                                       for split in (base_test, novel_test))

@@ -78,9 +78,16 @@ def symmetric_infonce(logits_per_text: torch.Tensor) -> torch.Tensor:
 
 
 def retrieval_metrics(similarity) -> dict[str, float]:
-    """R@1/5/10 (%), MdR, MnR and R-Sum = R@1 + R@5 + R@10 for text->video (rows of `similarity`, texts × videos,
-    pair i is the truth) and video->text (columns), keys prefixed 't2v_' / 'v2t_': the package's `evaluate` module
-    `text_video_retrieval`."""
+    """Text-video retrieval metrics in both directions.
+
+    Args:
+        similarity (torch.Tensor): Texts × videos similarity matrix; pair i (row i, column i) is the truth.
+
+    Returns:
+        dict[str, float]: R@1/5/10 (%), MdR, MnR and R-Sum = R@1 + R@5 + R@10 for text->video (rows) and
+        video->text (columns), keys prefixed `t2v_` / `v2t_` (computed by the package's `evaluate` module
+        `text_video_retrieval`).
+    """
     sim = similarity.detach().float().cpu().numpy() if torch.is_tensor(similarity) else np.asarray(similarity)
     if sim.ndim != 2 or sim.shape[0] != sim.shape[1]:
         raise ValueError(f"similarity must be a square texts × videos matrix, got shape {sim.shape}.")
@@ -92,8 +99,22 @@ class CLIPVideoRetrieval(nn.Module):
 
     `forward(pixel_values (B, T, C, H, W), input_ids, attention_mask=None, video_mask=None)` returns the symmetric
     InfoNCE `loss` with CLIP's own temperature (exp(logit_scale), at most 100) and the logits, so it trains under
-    `transformers.Trainer`. `video_features` is meanP (CLIP4Clip): masked mean of the normalised per-frame
-    features, normalised again.
+    `transformers.Trainer`. `video_features` is meanP (CLIP4Clip): masked mean of the normalised per-frame features,
+    normalised again. `evaluate(**encoded_videos)` gives [`retrieval_metrics`].
+
+    Args:
+        model (nn.Module): A `CLIPModel`, or a PeftModel around one.
+
+    Example:
+        ```python
+        from peft_effadapt import CLIPVideoRetrieval
+        from peft_effadapt.tasks import encode_video_dataset
+        from peft_effadapt.testing import load_tiny_clip, make_video_dataset
+
+        clip, processor = load_tiny_clip()
+        videos = encode_video_dataset(make_video_dataset(8, seed=0), processor)
+        print(CLIPVideoRetrieval(clip).evaluate(**videos)["t2v_R@1"])  # zero-shot meanP
+        ```
     """
 
     def __init__(self, model: nn.Module) -> None:

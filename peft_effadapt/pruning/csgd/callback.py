@@ -82,10 +82,31 @@ class _Clustered:
 
 
 class CentripetalSGDCallback(PruningCallback):
-    """Centripetal SGD: cluster channels, make each cluster identical while training, slim losslessly at the end.
+    """Centripetal SGD as a `transformers.Trainer` callback.
 
-    Takes a `CSGDConfig` or its fields as keyword arguments; `check_inputs` (a dict of model inputs or a tensor) is
-    the batch of the equivalence check (default: the first training batch).
+    At train begin it clusters the channels of every selected group; before every optimizer step it edits the
+    gradients so that each cluster's members become identical; at train end it slims the model in place (one channel
+    per cluster, losslessly) after an equivalence check, and saves it with its plan (`save_dir`).
+
+    Args:
+        config (CSGDConfig | None): The options; or give its fields as keyword arguments instead.
+        check_inputs (optional): The batch of the equivalence check (a dict of model inputs or a tensor; default: the
+            first training batch).
+        **kwargs: [`CSGDConfig`] fields, when no config is given.
+
+    Raises:
+        ValueError: Bad options (from [`CSGDConfig`]), an FSDP/DeepSpeed run, or an adaptive optimizer without
+            `allow_adaptive_optimizer=True`.
+
+    Example:
+        ```python
+        from peft_effadapt import CentripetalSGDCallback, widths_for_flops
+        from peft_effadapt.testing import load_tiny_resnet, tiny_pixel_values
+
+        model, _ = load_tiny_resnet()
+        callback = CentripetalSGDCallback(keep_ratio=widths_for_flops(model, tiny_pixel_values(1, 32), 0.5))
+        # Trainer(model, args, train_dataset=..., callbacks=[callback]).train() then slims the model
+        ```
     """
 
     method = "C-SGD"

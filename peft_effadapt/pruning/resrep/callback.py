@@ -44,10 +44,28 @@ _ADAPTIVE_REASON = ("Adam-type optimizers rescale the group-lasso gradient per e
 
 
 class ResRepCallback(PruningCallback):
-    """Gradient resetting + group lasso on compactors, growing masks until a FLOPs target, lossless conversion.
+    """ResRep as a `transformers.Trainer` callback.
 
-    Takes a `ResRepConfig` or its fields as keyword arguments. `prepare(model, example_inputs)` must run before the
-    optimizer is built.
+    Gradient resetting and group lasso on compactors, masks that grow until a FLOPs target, lossless conversion to
+    narrower layers at train end (saved with its plan to `save_dir`).
+
+    Args:
+        config (ResRepConfig | None): The options; or give its fields as keyword arguments instead.
+        **kwargs: [`ResRepConfig`] fields, when no config is given.
+
+    Raises:
+        ValueError: Bad options (from [`ResRepConfig`]), an FSDP/DeepSpeed run, or an adaptive optimizer without
+            `allow_adaptive_optimizer=True`.
+
+    Example:
+        ```python
+        from peft_effadapt import ResRepCallback
+        from peft_effadapt.testing import load_tiny_resnet, tiny_pixel_values
+
+        model, _ = load_tiny_resnet()
+        callback = ResRepCallback(flops_target=0.7)
+        callback.prepare(model, example_inputs={"pixel_values": tiny_pixel_values(2, 32)})  # before the optimizer
+        ```
     """
 
     method = "ResRep"
