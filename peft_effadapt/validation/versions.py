@@ -18,7 +18,7 @@ VERSION_KEY = "peft_effadapt_version"
 
 
 def installed_version() -> str:
-    from .. import __version__
+    from .._version import __version__
 
     return __version__
 
