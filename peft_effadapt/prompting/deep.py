@@ -15,50 +15,14 @@ The visual prompts change the image encoder, so a deep-prompt adapter cannot be 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 from transformers import CLIPModel
 
 from ..targeting import unwrap_to_tuner_layers
+from .config import DeepPromptConfig, DeepPromptShape
 from .layer import ContextPromptLayer, prompt_rows
 from .tuner import ContextPromptTuner
-
-
-@dataclass(frozen=True)
-class DeepPromptShape:
-    """m learned leading context tokens, written at depth J (layers 0..J-1 of both towers get prompts)."""
-
-    n_ctx: int
-    depth: int
-
-
-def maple_tensors(ctx_rows: torch.Tensor | None, placeholder_row: torch.Tensor, n_ctx: int, shape: DeepPromptShape,
-                  vision_width: int, std: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """(learned tensors by name, frozen text rows) of a new MaPLe prompt, as MaPLe initialises them.
-
-    `ctx_rows`: the n x d token embeddings of ctx_init (None: random init). The first m rows are learned, the other
-    n - m stay fixed words ("of a" of "a photo of a"); without ctx_init they are the placeholder's embedding. The
-    shallow projection and every deep coupling map text width d to the vision width (each coupling starts as a copy
-    of one nn.Linear initialisation, as the reference's `_get_clones` does); deep text prompts ~ N(0, std^2).
-    """
-    m, depth = shape.n_ctx, shape.depth
-    d, device = placeholder_row.shape[-1], placeholder_row.device
-    if ctx_rows is not None:
-        ctx, frozen = ctx_rows[:m].clone(), ctx_rows[m:].clone()
-    else:
-        ctx = torch.randn(m, d, device=device) * std
-        frozen = placeholder_row.expand(n_ctx - m, d).clone()
-    proj = nn.Linear(d, vision_width, device=device)
-    coupling = nn.Linear(d, vision_width, device=device)
-    tensors = {"ctx": ctx, "proj_weight": proj.weight.detach(), "proj_bias": proj.bias.detach()}
-    for i in range(1, depth):
-        tensors[f"deep_text_{i}"] = torch.randn(m, d, device=device) * std
-    for i in range(1, depth):
-        tensors[f"coupling_{i}_weight"] = coupling.weight.detach().clone()
-        tensors[f"coupling_{i}_bias"] = coupling.bias.detach().clone()
-    return tensors, frozen
 
 
 def clip_parts(model: nn.Module) -> tuple[list[nn.Module], nn.Module, list[nn.Module]]:
@@ -93,8 +57,9 @@ class DeepPromptLayer(ContextPromptLayer):
     """A prompt layer some of whose adapters are MaPLe deep prompts. Subclasses implement `deep_shape(name)` (None for
     an adapter without deep prompts) and `deep_value(name, key)` (the tensor the hooks read, train/eval aware)."""
 
-    def __init__(self, base_layer: nn.Module) -> None:
+    def __init__(self, base_layer: nn.Module, vision_width: int | None = None) -> None:
         super().__init__(base_layer)
+        self.vision_width = vision_width  # of the CLIP vision tower the visual prompts enter
         self._prompt_rows: torch.Tensor | None = None  # rows of the current text batch in prompt format
 
     def deep_shape(self, adapter_name: str) -> DeepPromptShape | None:
@@ -102,6 +67,13 @@ class DeepPromptLayer(ContextPromptLayer):
 
     def deep_value(self, adapter_name: str, key: str) -> torch.Tensor:
         raise NotImplementedError
+
+    def visual_prompt_terms(self, adapter_name: str, depth: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(text prompt, weight, bias) of the Linear that gives the m visual prompts of vision depth `depth`:
+        proj(ctx) at 0, coupling_i(deep text prompt i) at i >= 1."""
+        text, linear = ("ctx", "proj") if depth == 0 else (f"deep_text_{depth}", f"coupling_{depth}")
+        value = self.deep_value
+        return value(adapter_name, text), value(adapter_name, f"{linear}_weight"), value(adapter_name, f"{linear}_bias")
 
     def deep_adapter(self) -> str | None:
         """The active adapter if it has deep prompts and the layer is enabled and unmerged, else None."""
@@ -159,9 +131,8 @@ class VisionPromptTokens(DeepPromptHook):
         name, _ = self.active()
         if name is None:
             return None
-        value = self.layer.deep_value
-        tokens = nn.functional.linear(value(name, "ctx"), value(name, "proj_weight"), value(name, "proj_bias"))
-        return torch.cat([output, tokens.to(output.dtype).expand(output.shape[0], -1, -1)], dim=1)
+        tokens = nn.functional.linear(*self.layer.visual_prompt_terms(name, 0)).to(output.dtype)
+        return torch.cat([output, tokens.expand(output.shape[0], -1, -1)], dim=1)
 
 
 class DeepTextPrompt(DeepPromptHook):
@@ -191,9 +162,7 @@ class DeepVisionPrompt(DeepPromptHook):
         if name is None:
             return None
         hidden = _hidden(args, kwargs)
-        value, i = self.layer.deep_value, self.depth
-        tokens = nn.functional.linear(value(name, f"deep_text_{i}"), value(name, f"coupling_{i}_weight"),
-                                      value(name, f"coupling_{i}_bias")).to(hidden.dtype)
+        tokens = nn.functional.linear(*self.layer.visual_prompt_terms(name, self.depth)).to(hidden.dtype)
         prompts = tokens.expand(hidden.shape[0], -1, -1)
         return _with_hidden(args, kwargs, torch.cat([hidden[:, :-shape.n_ctx], prompts], dim=1))
 
@@ -213,21 +182,15 @@ class DeepPromptTuner(ContextPromptTuner):
     """Base of the tuners whose adapters may carry deep prompts: checks the depth before anything is replaced,
     attaches the hooks after injection and refuses to merge them (`ContextPromptTuner` detaches them on unload)."""
 
-    def _has_deep_prompts(self, config) -> bool:
-        return True
-
     def _vision_width(self) -> int | None:
         return vision_width(self.model)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
-        config = self.peft_config[adapter_name]
-        deep = self._has_deep_prompts(config)
-        if deep:
-            check_depth(model, config.prompt_depth)  # before anything is replaced
-            if config.maple_n_ctx > config.n_ctx:
-                raise ValueError(f"maple_n_ctx={config.maple_n_ctx} exceeds n_ctx={config.n_ctx}.")
+        config: DeepPromptConfig = self.peft_config[adapter_name]
+        if config.deep_prompts:
+            check_depth(model, config.prompt_depth)  # before anything is replaced (m <= n: the config checks it)
         super().inject_adapter(model, adapter_name, *args, **kwargs)
-        if deep:
+        if config.deep_prompts:
             for layer in self._deep_layers():
                 layer.attach_hooks(deep_prompt_hooks, model)
 

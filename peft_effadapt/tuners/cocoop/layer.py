@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from ...prompting import ContextPromptLayer, PromptSlots
-from ...prompting.init import adapter_device, initial_context
+from ...prompting.init import adapter_device, initial_context, perturbed
 from .config import CoCoOpConfig
 
 
@@ -38,13 +38,11 @@ class CoCoOpLayer(ContextPromptLayer):
         n, d = config.n_ctx, tok.shape[1]
         device = adapter_device(tok)
         with torch.no_grad():
-            ctx = initial_context(tok, config, (n, d))
-        hidden = config.meta_net_hidden or max(1, self.image_width // 16)
-        down, up = nn.Linear(self.image_width, hidden, device=device), nn.Linear(hidden, d, device=device)
-        if not config.init_weights:
-            with torch.no_grad():
-                for p in [*down.parameters(), *up.parameters()]:
-                    p.add_(torch.randn_like(p) * 0.5)
+            ctx = perturbed(initial_context(tok, config, (n, d)), config)
+            hidden = config.meta_net_hidden or max(1, self.image_width // 16)
+            down, up = nn.Linear(self.image_width, hidden, device=device), nn.Linear(hidden, d, device=device)
+            for param in [*down.parameters(), *up.parameters()]:
+                param.copy_(perturbed(param, config))
         self.cocoop_ctx[adapter_name] = nn.Parameter(ctx.float())
         self.cocoop_meta_down[adapter_name] = down.float()
         self.cocoop_meta_up[adapter_name] = up.float()
