@@ -64,6 +64,17 @@ class _Term:
     out_fixed: int
 
 
+@dataclass
+class RecordOutput:
+    """Forward hook of one conv/linear while the FLOPs are measured: appends (path, module, output) to `records`."""
+
+    path: str
+    records: list
+
+    def __call__(self, module: nn.Module, args, output) -> None:
+        self.records.append((self.path, module, output))
+
+
 class FlopsModel:
     """Exact FLOPs of `model` as a function of group widths, from one measured forward pass.
 
@@ -91,7 +102,7 @@ class FlopsModel:
             for path in group.consumers:
                 in_of[path] = group
         records: list[tuple[str, nn.Module, torch.Tensor]] = []
-        handles = [module.register_forward_hook(lambda mod, args, out, path=path: records.append((path, mod, out)))
+        handles = [module.register_forward_hook(RecordOutput(path, records))
                    for path, module in model.named_modules() if isinstance(module, (*_CONVS, nn.Linear))]
         try:
             baseline = count_flops(model, example_inputs)

@@ -30,9 +30,6 @@ class QPromptModel(DeepPromptTuner):
     method_name = "QPrompt"
 
     # -- injection ------------------------------------------------------------------------------------------------
-    def _has_deep_prompts(self, config: QPromptConfig) -> bool:
-        return config.host == "maple"
-
     def _validate(self, config: QPromptConfig, embed_dim: int) -> None:
         if config.host == "rlp" and config.rlp_rank > min(config.n_ctx, embed_dim):
             raise ValueError(f"rlp_rank={config.rlp_rank} exceeds min(n_ctx={config.n_ctx}, d={embed_dim}).")
