@@ -5,8 +5,8 @@
    or a call of a helper of the tests (same module or an imported tests/ module) that does one of these.
 2. No check compares an expression with itself (``assert x == x``, ``assert_close(a, a)``): operands that are the
    same call expression are allowed, since two calls can differ (a determinism check).
-3. ``pytest.importorskip`` only for modules that ``pip install .[test]`` installs (the dependencies and the test
-   extra of pyproject.toml) or the standard library: anything else would be skipped in every CI run.
+3. ``pytest.importorskip`` only for modules that ``pip install .[test,docs]`` installs (the dependencies and the
+   extras .ci/run installs) or the standard library: anything else would be skipped in every CI run.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ CHECK_CONTEXTS = {"raises", "warns", "deprecated_call"}
 COMPARISONS = {"equal", "allclose", "isclose", "array_equal"}
 # stdlib from Python 3.11 on (requires-python allows 3.10, where its importorskip is a Python-version skip)
 STDLIB = set(sys.stdlib_module_names) | {"tomllib"}
+CI_EXTRAS = ("test", "docs")  # what .ci/run installs beside the dependencies (`pip install -e ".[test,docs]"`)
 # Violations another change of issue 27 removes (the evidence helper's branch: matplotlib for the PNG test). The
 # test below fails once they are gone, so that this list is emptied at merge time instead of going stale.
 PENDING = {"test_claims.py:importorskip('matplotlib') is not installed by the test extra"}
@@ -119,7 +120,7 @@ def self_comparisons(tree: ast.AST) -> list[ast.AST]:
 
 
 def installed_by_test_extra() -> set[str]:
-    """Top-level module names provided by the distributions of [project].dependencies + the test extra."""
+    """Top-level module names provided by the distributions of [project].dependencies + the extras CI installs."""
     import tomllib  # noqa: I001 - Python >= 3.11, where this check runs
 
     from packaging.requirements import Requirement
@@ -127,7 +128,7 @@ def installed_by_test_extra() -> set[str]:
 
     project = tomllib.loads(PYPROJECT.read_text())["project"]
     wanted = {canonicalize_name(Requirement(r).name)
-              for r in [*project["dependencies"], *project["optional-dependencies"]["test"]]}
+              for r in [*project["dependencies"], *(r for extra in CI_EXTRAS for r in project["optional-dependencies"][extra])]}
     return {module for module, dists in importlib.metadata.packages_distributions().items()
             if any(canonicalize_name(d) in wanted for d in dists)}
 
