@@ -75,6 +75,15 @@ def training_step(loss: Callable[[], torch.Tensor], optimizer: torch.optim.Optim
     return step
 
 
+def top1(model: torch.nn.Module, test: tuple[torch.Tensor, torch.Tensor], batch: int = 256) -> float:
+    """Top-1 accuracy of an image classifier (eval mode) on `test` = (pixel values, labels), `batch` at a time."""
+    model.eval()
+    with torch.no_grad():
+        preds = torch.cat([model(pixel_values=test[0][i:i + batch]).logits.argmax(-1)
+                           for i in range(0, len(test[1]), batch)])
+    return float((preds == test[1]).float().mean())
+
+
 def machine() -> dict:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or platform.machine()
     return {

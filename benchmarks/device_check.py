@@ -28,8 +28,9 @@ Speed (device_speed.py; ratios in one run, each efficient model against the unmo
 Modes (`--modes`): "eager"; "reduce-overhead" = `peft_effadapt.compile_for_inference(model,
   mode="reduce-overhead")`: one graph (fullgraph), static shapes, replayed as a CUDA graph (the GPU mode; on a CPU it
   compiles without graphs); "default" = `compile_for_inference(model)`: inductor kernels launched one by one. Each
-  compiled section records `graphs_compiled` (one per model: no break, no recompile) and each model's first-call
-  (compile) seconds. `--compile-backend aot_eager` (the CI run) captures the same graphs with `torch.compile(
+  compiled section records each model's first-call (compile) seconds and graphs (one, plus one per hook on the
+  top-level module, which runs as its own frame: TempMe's video hooks) and `recompiles`, the graphs that the
+  repeated calls compiled (0: a repeated batch never recompiles). `--compile-backend aot_eager` (the CI run) captures the same graphs with `torch.compile(
   fullgraph=True, dynamic=False)` without code generation.
 Schedule and budget (`--plan` prints it with the estimates): merging first (eager, then reduce-overhead at 64 and
   256), then pruning, TempMe, the QPrompt device re-run, the rest; then the other compiled modes, the extra compiled

@@ -106,19 +106,21 @@ def measure(entry: dict, bench: Bench, device, sizes: dict, mode: str, batch: in
     inputs = dc.to(bench.inputs(batch), device, DTYPE)
     names = timed_in(bench.case, mode, extra)
     reference, rows, fns = names[0], {}, {}
-    graphs = graphs_compiled()
     for name in names:
         estimate = 0.0 if mode == "eager" else MODELS[bench.case][name][0] * SETTINGS["cost_s"]
         if (name != reference and reference not in fns) or not fits(estimate):
             rows[name] = {"skipped": f"time budget (compile estimated at {estimate:.0f}s)"}
             continue
         fn = inference(compiled(bench.models[name], mode), before=marker, **inputs)
-        start = time.perf_counter()
+        graphs, start = graphs_compiled(), time.perf_counter()
         fn()
         if cuda:
             torch.cuda.synchronize()
         rows[name] = {"first_call_s": round(time.perf_counter() - start, 2)}
+        if mode != "eager":
+            rows[name]["graphs"] = graphs_compiled() - graphs  # fullgraph: one, plus one per top-level hook
         fns[name] = fn
+    graphs = graphs_compiled()
     if len(fns) > 1:
         times = interleaved_medians(fns, sizes["repeats"], sizes["warmup"], device)
         for name, seconds in times.items():
@@ -126,7 +128,7 @@ def measure(entry: dict, bench: Bench, device, sizes: dict, mode: str, batch: in
     entry.update(mode=mode, batch=batch, reference=reference, dtype=str(DTYPE).removeprefix("torch."),
                  results=rows, settings=bench.settings)
     if mode != "eager":
-        entry["graphs_compiled"] = graphs_compiled() - graphs  # one per compiled model: no break, no recompile
+        entry["recompiles"] = graphs_compiled() - graphs  # graphs compiled by the repeated calls: must be 0
 
 
 # -- the cases ------------------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ from peft_effadapt.pruning import (  # noqa: E402
 )
 from peft_effadapt.pruning import round_to as round_to_multiple  # noqa: E402
 
-from common import RESULTS, inference, interleaved_medians, write_result  # noqa: E402
+from common import RESULTS, inference, interleaved_medians, top1, write_result  # noqa: E402
 
 # Final internal widths of the official ResRep ResNet-50 log (res50_54.5pruned_log.txt), per bottleneck (conv0, conv1).
 LASSO, COMPACTOR_MOMENTUM = 5e-2, 0.9  # ResRep settings of the short accuracy runs (see resrep_row)
@@ -265,14 +265,6 @@ def _data(n_train: int):
     return (pixels(train), torch.tensor(train["label"])), (pixels(test), torch.tensor(test["label"]))
 
 
-def _accuracy(model, test) -> float:
-    model.eval()
-    with torch.no_grad():
-        preds = torch.cat([model(pixel_values=test[0][i:i + 256]).logits.argmax(-1)
-                           for i in range(0, len(test[1]), 256)])
-    return float((preds == test[1]).float().mean())
-
-
 def _train(model, train, steps, lr, optimizer, batch=64, seed=0, callback=None):
     """Plain loop that drives the callback exactly as the Trainer would (pre-optimizer-step, step-end)."""
     import types
@@ -313,12 +305,12 @@ def resrep_row(train, test, target: float, steps: int, seed: int = 0, scope: str
     start = time.perf_counter()
     _train(model, train, steps, 0.02, optimizer, seed=seed, callback=cb)
     masked = torch.cat([c.row_norms()[c.mask == 0] for c in cb.compactors.values()])
-    before_conversion = _accuracy(model, test)
+    before_conversion = top1(model, test)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         plan = cb.slim()
     return {"method": "ResRep", "scope": scope, "seed": seed, "flops_ratio": cb.final_flops_ratio,
-            "accuracy": _accuracy(model, test), "lasso_strength": LASSO, "compactor_momentum": COMPACTOR_MOMENTUM,
+            "accuracy": top1(model, test), "lasso_strength": LASSO, "compactor_momentum": COMPACTOR_MOMENTUM,
             "accuracy_before_conversion": before_conversion, "masked_flops_ratio": cb.masked_flops_ratio,
             "target_reached_step": cb.target_reached_step,
             "max_masked_row_norm": float(masked.max()) if masked.numel() else 0.0,
@@ -337,13 +329,13 @@ def l1_row(train, test, flops_ratio: float, steps: int, seed: int = 0, scope: st
     widths = widths_for_flops(model, x, flops_ratio, groups=scope)
     plan = plan_from_widths(model, groups, widths, method="l1")
     apply_plan(model, plan)
-    pruned = _accuracy(model, test)
+    pruned = top1(model, test)
     optimizer = torch.optim.SGD(resrep_param_groups(model, lr=0.02), lr=0.02, momentum=0.9)
     start = time.perf_counter()
     _train(model, train, steps, 0.02, optimizer, seed=seed)
     return {"method": "L1 + fine-tune", "scope": scope, "seed": seed,
             "flops_ratio": FlopsModel.measure(load_tiny_resnet()[0], x, groups).ratio(plan.widths),
-            "accuracy": _accuracy(model, test), "accuracy_before_finetune": pruned,
+            "accuracy": top1(model, test), "accuracy_before_finetune": pruned,
             "train_seconds": time.perf_counter() - start}
 
 
@@ -405,7 +397,7 @@ def accuracy(targets: list[float], scopes: list[str], seeds: list[int], steps: i
                                 "flops_ratio_mean": statistics.mean(r["flops_ratio"] for r in rows),
                                 "accuracy_mean": statistics.mean(accs) if accs else None,
                                 "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else None})
-    unpruned = _accuracy(base, test)
+    unpruned = top1(base, test)
     try:
         from plots import errorbar_plot
 

@@ -180,6 +180,8 @@ def test_load_slimmed_channels_last_and_dtype(saved):
     convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
     assert_fp32_close(logits(model), expected)  # another conv kernel: same values up to summation order
+    save_slimmed(model, None, path / "again")  # a channels_last model saves as a standard one
+    assert torch.equal(logits(load_slimmed(path / "again")), logits(load_slimmed(path)))
     half = load_slimmed(path, dtype="bfloat16", device="cpu", channels_last=False)
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
     assert load_slimmed(path, dtype=torch.float64).resnet.embedder.embedder.convolution.weight.dtype == torch.float64

@@ -33,7 +33,7 @@ _round_up = round_to  # for functions whose `round_to` argument shadows the help
 
 AUTO = "auto"
 CUDA_MULTIPLE = 8
-CPU_MULTIPLE = 16  # measured: benchmarks/pruning.py alignment (results/pruning_alignment.json)
+CPU_MULTIPLE = 16  # measured: benchmarks/pruning.py alignment (results/pruning_alignment_cpu_1thread.json)
 
 
 def aligned_multiple(device: str | torch.device) -> int:
@@ -43,6 +43,9 @@ def aligned_multiple(device: str | torch.device) -> int:
 
     Args:
         device: where the slimmed model will run (`"cuda"`, `"cuda:1"`, `"cpu"`, a `torch.device`).
+
+    Returns:
+        The multiple (1: any width).
 
     Raises:
         ValueError: `device` is not a device name.
