@@ -22,6 +22,7 @@ from torch import nn
 
 from ..validation import VERSION_KEY, fields_to_drop, installed_version, newer_fields_warning, writer_version
 from .flops import round_to as _round_to
+from .flops import width_multiple
 from .groups import ChannelGroup
 
 PLAN_NAME = "slimming_plan.json"
@@ -172,11 +173,28 @@ class SlimmingPlan:
 
 
 def plan_from_widths(model: nn.Module, groups: Sequence[ChannelGroup], widths: Mapping[str, int], *,
-                     scores: Mapping[str, torch.Tensor] | None = None, round_to: int | None = None,
-                     method: str | None = None) -> SlimmingPlan:
-    """Keeps, per group, the `widths[name]` channels with the largest score (default: L1 norm of the producers'
-    output rows, summed over the group's producers — magnitude pruning). With `round_to`, widths are first rounded up
-    to a multiple (never above the group size)."""
+                     scores: Mapping[str, torch.Tensor] | None = None, round_to: int | str | None = None,
+                     method: str | None = None, device: str | torch.device | None = None) -> SlimmingPlan:
+    """Keeps, per group, the `widths[name]` channels with the largest score (magnitude pruning).
+
+    Args:
+        model: the unslimmed model.
+        groups: its channel groups (`find_channel_groups`).
+        widths: `{group name: width}`.
+        scores: per-group channel scores (default: `l1_scores`, the L1 norm of the producers' output rows).
+        round_to: widths are first rounded *up* to a multiple of this int (never above the group size); `"auto"`:
+            `aligned_multiple(device)` (8 on CUDA). Rounding up adds FLOPs: to keep a FLOPs budget choose the widths
+            with the same `round_to` (`widths_for_flops`), so they are multiples already.
+        method: recorded in the plan.
+        device: where the slimmed model will run, for `round_to="auto"` (default: the device of `model`).
+
+    Returns:
+        The validated `SlimmingPlan` (its `round_to` is the resolved multiple).
+
+    Raises:
+        ValueError: unknown group names, a width outside [1, group size], or a bad `round_to`.
+    """
+    round_to = width_multiple(round_to, model, device)
     by_name = {g.name: g for g in groups}
     unknown = set(widths) - set(by_name)
     if unknown:

@@ -122,6 +122,7 @@ class CentripetalSGDCallback(PruningCallback):
         self.slim_report: dict | None = None
         self._entries: list[_Clustered] = []
         self._model: nn.Module | None = None
+        self.multiple: int | None = None  # round_to resolved on the model's device by prepare
 
     # ----------------------------------------------------------------------------------------------- set-up
     @classmethod
@@ -145,7 +146,7 @@ class CentripetalSGDCallback(PruningCallback):
                 raise ValueError(f"group {group.name!r} has {size} channels; cannot keep {value} clusters of them")
             width = value
         else:
-            width = round_to(max(1, math.ceil(value * size)), self.config.multiple, size)
+            width = round_to(max(1, math.ceil(value * size)), self.multiple, size)
         return width if width < size else None
 
     def _select_groups(self, model: nn.Module) -> list[ChannelGroup]:
@@ -164,6 +165,7 @@ class CentripetalSGDCallback(PruningCallback):
         edit; returns the clusters. Called by `on_train_begin`; call it yourself in a custom loop, then
         `edit_gradients()` before every optimizer step and `slim()` at the end."""
         refuse_sharding(self.method, model)
+        self.multiple = self.config.multiple(model)  # round_to="auto": the device the model trains on
         groups = self._select_groups(model)
         targets = {g.name: self._target_width(g) for g in groups}
         if all(w is None for w in targets.values()):
@@ -305,7 +307,7 @@ class CentripetalSGDCallback(PruningCallback):
         if not self._entries:
             raise ValueError("no clusters yet: call prepare(model) (done by on_train_begin) before slimming")
         plan = SlimmingPlan([GroupPlan(e.group, [c[0] for c in e.clusters], e.clusters) for e in self._entries],
-                            round_to=self.config.multiple, method="csgd",
+                            round_to=self.multiple, method="csgd",
                             metadata={"centripetal_strength": self.centripetal_strength,
                                       "cluster_method": self.cluster_method})
         plan.validate()
