@@ -151,6 +151,24 @@ def test_consolidate_names_unknown_adapters_and_changes_nothing():
     assert model.peft_config["default"].consolidated is False
 
 
+def test_consolidate_refuses_a_name_that_is_not_a_string():
+    model = get_peft_model(tiny_vit(seed=0), ConsolidatorConfig(fc_groups=[8]))
+    for bad in (3, ["default", 3]):
+        with pytest.raises(TypeError, match=r"consolidate\(\) takes an adapter name or a list of names, got"):
+            model.consolidate(bad)
+    assert all(layer.holds_branches("default") for layer in layers(model))
+    assert model.peft_config["default"].consolidated is False
+
+
+def test_consolidate_twice_changes_nothing():
+    model = get_peft_model(tiny_vit(seed=0), ConsolidatorConfig(fc_groups=[8, 4], init_weights=False))
+    model.consolidate()
+    once = {key: value.clone() for key, value in model.state_dict().items()}
+    model.consolidate()
+    assert_same_tensors(model.state_dict(), once)
+    assert model.peft_config["default"].consolidated is True
+
+
 def test_consolidate_one_of_two_adapters():
     model = get_peft_model(tiny_vit(seed=0), ConsolidatorConfig(fc_groups=[8], train_layernorm=False))
     model.add_adapter("other", ConsolidatorConfig(fc_groups=[4], train_layernorm=False))

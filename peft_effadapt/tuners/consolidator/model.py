@@ -143,15 +143,20 @@ class ConsolidatorModel(ValidatedLoadMixin, BaseTuner):
         once training is over: the consolidated adapter still trains as one masked delta, but without branches and
         DropPath, and a training checkpoint in this form no longer resumes the branches.
 
+        An adapter that is consolidated already is left as it is, so a second call changes nothing.
+
         Args:
-            adapter_names: the adapters to consolidate; default: every Consolidator adapter of the model.
+            adapter_names: the adapter name or names to consolidate; default: every Consolidator adapter of the model.
 
         Raises:
+            TypeError: ``adapter_names`` is not a name or a list of names (nothing is changed).
             ValueError: an adapter name the model does not hold (nothing is changed).
         """
         names = list(self.peft_config) if adapter_names is None else (
-            [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+            [adapter_names] if isinstance(adapter_names, str) else adapter_names
         )
+        if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) for name in names):
+            raise TypeError(f"consolidate() takes an adapter name or a list of names, got {adapter_names!r}.")
         unknown = [name for name in names if name not in self.peft_config]
         if unknown:
             raise ValueError(f"Cannot consolidate adapters {unknown}: the model holds {sorted(self.peft_config)}.")
