@@ -201,6 +201,27 @@ def test_a_loaded_file_sets_the_form_of_a_live_adapter():
     assert torch.equal(logits(target, x), logits(source, x))
 
 
+def test_a_refused_file_leaves_the_adapter_in_its_form():
+    """The form switch happens before the file checks: a damaged file of the other form puts the adapter back as it
+    was, its very parameters (an optimizer still holds them) and its config."""
+    source = trained(CONFIGS["two-branches"])
+    shipped = copy.deepcopy(source)
+    shipped.consolidate()
+    for state, target in ((get_peft_model_state_dict(shipped), trained(CONFIGS["two-branches"], steps=1)),
+                          (get_peft_model_state_dict(source), shipped)):
+        key = sorted(k for k in state if "consolidator_" in k)[-1]
+        state[key] = state[key].flatten()[:-1].clone()
+        params = dict(target.named_parameters())
+        before = {name: param.detach().clone() for name, param in params.items()}
+        consolidated = target.peft_config["default"].consolidated
+        with pytest.raises(ValueError, match="has shape"):
+            set_peft_model_state_dict(target, state)
+        assert dict(target.named_parameters()).keys() == params.keys()
+        assert all(param is params[name] for name, param in target.named_parameters())
+        assert_same_tensors({name: param.detach() for name, param in target.named_parameters()}, before)
+        assert target.peft_config["default"].consolidated is consolidated
+
+
 # -- files written before consolidate() existed ---------------------------------------------------------------------
 def test_branch_file_with_the_earlier_folded_bias_loads(tmp_path):
     """Up to the version that added `consolidate()`, save_mode="branches" without DropPath stored the branch biases
