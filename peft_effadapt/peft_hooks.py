@@ -18,6 +18,7 @@ stay with their tuner.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import itertools
@@ -243,8 +244,7 @@ class ValidatedLoadMixin:
       weights are read): a config read with its file (`VerifiedAdapterFilesMixin`) is checked against the model
       first, so an adapter that does not fit raises before the model is touched.
     - ``_remap_adapter_state_dict_for_load`` (peft 0.21's ``set_peft_model_state_dict`` calls it with the file's
-      tensors after injection): checks the tensors against the injected layers and, on a mismatch, removes the
-      injected adapter again (loads that skip the config route, e.g. transformers' ``load_adapter``).
+      tensors before loading any): checks the tensors against the adapter's layers (`refusing_damaged_weights`).
     - ``merge_adapter(safe_merge=True)`` and ``_unload_and_optionally_merge`` (peft 0.21 merges layer by layer and
       stops at the first failing one): all-or-nothing, restoring the merged layers' base weights bit for bit.
     """
@@ -262,6 +262,8 @@ class ValidatedLoadMixin:
             else:
                 check_file_fits_model(expected, adapter_file, self.prefix, self.method_name)
         super().inject_adapter(model, adapter_name, *args, **kwargs)
+        if adapter_file is not None:  # injected for this load: removed again if its tensors are refused
+            self.peft_config[adapter_name]._injected_for_load = True
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         if not safe_merge:
@@ -296,14 +298,33 @@ class ValidatedLoadMixin:
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        try:
+        with refusing_damaged_weights(model, config, adapter_name):
             check_adapter_tensors(model, adapter_name, state_dict, cls.tuner_layer_cls, cls.prefix, cls.method_name)
             remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
             check_loaded_like_model(model, remapped, cls.method_name)
-        except ValueError:
-            undo_injection(model, adapter_name)
-            raise
         return remapped
+
+
+@contextlib.contextmanager
+def refusing_damaged_weights(model: nn.Module, config, adapter_name: str):
+    """Around a tuner's checks of the tensors it is about to load (its ``_remap_adapter_state_dict_for_load``).
+
+    On a ValueError, an adapter injected for this very load (a config read with its file: ``PeftModel.from_pretrained``,
+    ``load_adapter`` under a new name) is removed again, so the model is as it was before the call. An adapter the
+    model held before (``set_peft_model_state_dict``, ``load_adapter`` under that adapter's name, as the Trainer's
+    ``resume_from_checkpoint`` does) keeps its values: the checks run before peft loads any tensor.
+
+    Relies on peft 0.21's ``set_peft_model_state_dict`` calling the hook with ``model.peft_config[adapter_name]``, the
+    object `ValidatedLoadMixin.inject_adapter` marked, before ``load_state_dict``.
+    """
+    injected = getattr(config, "_injected_for_load", False)
+    try:
+        yield
+    except ValueError:
+        if injected:
+            undo_injection(model, adapter_name)
+        raise
+    config._injected_for_load = False
 
 
 def _expected_saved_tensors(tuner_cls: type, model: nn.Module, config, adapter_name: str):

@@ -151,6 +151,24 @@ def test_consolidate_names_unknown_adapters_and_changes_nothing():
     assert model.peft_config["default"].consolidated is False
 
 
+def test_consolidate_refuses_a_name_that_is_not_a_string():
+    model = get_peft_model(tiny_vit(seed=0), ConsolidatorConfig(fc_groups=[8]))
+    for bad in (3, ["default", 3]):
+        with pytest.raises(TypeError, match=r"consolidate\(\) takes an adapter name or a list of names, got"):
+            model.consolidate(bad)
+    assert all(layer.holds_branches("default") for layer in layers(model))
+    assert model.peft_config["default"].consolidated is False
+
+
+def test_consolidate_twice_changes_nothing():
+    model = get_peft_model(tiny_vit(seed=0), ConsolidatorConfig(fc_groups=[8, 4], init_weights=False))
+    model.consolidate()
+    once = {key: value.clone() for key, value in model.state_dict().items()}
+    model.consolidate()
+    assert_same_tensors(model.state_dict(), once)
+    assert model.peft_config["default"].consolidated is True
+
+
 def test_consolidate_one_of_two_adapters():
     model = get_peft_model(tiny_vit(seed=0), ConsolidatorConfig(fc_groups=[8], train_layernorm=False))
     model.add_adapter("other", ConsolidatorConfig(fc_groups=[4], train_layernorm=False))
@@ -181,6 +199,27 @@ def test_a_loaded_file_sets_the_form_of_a_live_adapter():
     assert target.peft_config["default"].consolidated is False
     assert_same_tensors(get_peft_model_state_dict(target), branch_state)
     assert torch.equal(logits(target, x), logits(source, x))
+
+
+def test_a_refused_file_leaves_the_adapter_in_its_form():
+    """The form switch happens before the file checks: a damaged file of the other form puts the adapter back as it
+    was, its very parameters (an optimizer still holds them) and its config."""
+    source = trained(CONFIGS["two-branches"])
+    shipped = copy.deepcopy(source)
+    shipped.consolidate()
+    for state, target in ((get_peft_model_state_dict(shipped), trained(CONFIGS["two-branches"], steps=1)),
+                          (get_peft_model_state_dict(source), shipped)):
+        key = sorted(k for k in state if "consolidator_" in k)[-1]
+        state[key] = state[key].flatten()[:-1].clone()
+        params = dict(target.named_parameters())
+        before = {name: param.detach().clone() for name, param in params.items()}
+        consolidated = target.peft_config["default"].consolidated
+        with pytest.raises(ValueError, match="has shape"):
+            set_peft_model_state_dict(target, state)
+        assert dict(target.named_parameters()).keys() == params.keys()
+        assert all(param is params[name] for name, param in target.named_parameters())
+        assert_same_tensors({name: param.detach() for name, param in target.named_parameters()}, before)
+        assert target.peft_config["default"].consolidated is consolidated
 
 
 # -- files written before consolidate() existed ---------------------------------------------------------------------

@@ -107,6 +107,20 @@ class ConsolidatorLayer(BaseTunerLayer):
         """True while the adapter is in the training form (branches), False once consolidated."""
         return adapter_name in self.consolidator_branches
 
+    def adapter_form(self, adapter_name: str) -> dict[str, nn.Module]:
+        """The adapter's current tensors (its entries in `adapter_layer_names`), for `put_adapter_form`."""
+        return {attr: getattr(self, attr)[adapter_name] for attr in self.adapter_layer_names
+                if adapter_name in getattr(self, attr)}
+
+    def put_adapter_form(self, adapter_name: str, form: dict[str, nn.Module]) -> None:
+        """Puts back what `adapter_form` returned (the very modules and parameters, so optimizers still hold them)."""
+        for attr in self.adapter_layer_names:
+            container = getattr(self, attr)
+            if adapter_name in container:
+                del container[adapter_name]
+            if attr in form:
+                container[adapter_name] = form[attr]
+
     def restore_branches(self, adapter_name: str, rep_bias: bool, train_bias: bool) -> None:
         """Turns an adapter in the consolidated state back into zero-initialised branches (same trainability), ready to
         receive branch tensors from a file."""

@@ -143,15 +143,20 @@ class ConsolidatorModel(ValidatedLoadMixin, BaseTuner):
         once training is over: the consolidated adapter still trains as one masked delta, but without branches and
         DropPath, and a training checkpoint in this form no longer resumes the branches.
 
+        An adapter that is consolidated already is left as it is, so a second call changes nothing.
+
         Args:
-            adapter_names: the adapters to consolidate; default: every Consolidator adapter of the model.
+            adapter_names: the adapter name or names to consolidate; default: every Consolidator adapter of the model.
 
         Raises:
+            TypeError: ``adapter_names`` is not a name or a list of names (nothing is changed).
             ValueError: an adapter name the model does not hold (nothing is changed).
         """
         names = list(self.peft_config) if adapter_names is None else (
-            [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+            [adapter_names] if isinstance(adapter_names, str) else adapter_names
         )
+        if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) for name in names):
+            raise TypeError(f"consolidate() takes an adapter name or a list of names, got {adapter_names!r}.")
         unknown = [name for name in names if name not in self.peft_config]
         if unknown:
             raise ValueError(f"Cannot consolidate adapters {unknown}: the model holds {sorted(self.peft_config)}.")
@@ -187,18 +192,26 @@ class ConsolidatorModel(ValidatedLoadMixin, BaseTuner):
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         """Every layer takes the form of its tensors in the file before they are loaded (peft's loaders,
         set_peft_model_state_dict, Trainer resume), so a consolidated file becomes consolidated layers and a branch
-        file branches, each holding exactly the stored values. Stored fp16/bf16 values load in the layer's dtype."""
-        _take_form_of_file(model, config, adapter_name, state_dict)
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        file branches, each holding exactly the stored values. Stored fp16/bf16 values load in the layer's dtype. A
+        file the checks refuse leaves an adapter the model held before as it was (its form too)."""
+        consolidated, switched = config.consolidated, _take_form_of_file(model, config, adapter_name, state_dict)
+        try:
+            remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        except ValueError:
+            config.consolidated = consolidated
+            for layer, form in switched:
+                if adapter_name in layer.consolidator_patterns:  # not removed with an adapter injected for this load
+                    layer.put_adapter_form(adapter_name, form)
+            raise
         return {k: _cast_like_model(model, k, v) for k, v in remapped.items()}
 
 
-def _take_form_of_file(model, config, adapter_name, state_dict) -> None:
+def _take_form_of_file(model, config, adapter_name, state_dict) -> list[tuple[ConsolidatorLayer, dict]]:
     """Switches each layer holding ``adapter_name`` to the form (branches or consolidated) its tensors in
     ``state_dict`` have, and records the form in ``config.consolidated``. Layers without tensors in the file are left
-    to the file checks, which name them."""
+    to the file checks, which name them. Returns the switched layers with their earlier form (`adapter_form`)."""
     stored = {key.removeprefix("base_model.model.") for key in state_dict}
-    forms = []
+    forms, switched = [], []
     for name, layer in unwrap_to_tuner_layers(model, ConsolidatorLayer):
         if adapter_name not in layer.consolidator_patterns:
             continue
@@ -207,12 +220,15 @@ def _take_form_of_file(model, config, adapter_name, state_dict) -> None:
         if not consolidated and not any(key.startswith(f"{name}.consolidator_branches.") for key in stored):
             continue
         forms.append(consolidated)
-        if consolidated and layer.holds_branches(adapter_name):
-            layer.to_consolidated(adapter_name, with_bias=config.rep_bias or config.train_bias)
-        elif not consolidated and not layer.holds_branches(adapter_name):
-            layer.restore_branches(adapter_name, rep_bias=config.rep_bias, train_bias=config.train_bias)
+        if consolidated == layer.holds_branches(adapter_name):
+            switched.append((layer, layer.adapter_form(adapter_name)))
+            if consolidated:
+                layer.to_consolidated(adapter_name, with_bias=config.rep_bias or config.train_bias)
+            else:
+                layer.restore_branches(adapter_name, rep_bias=config.rep_bias, train_bias=config.train_bias)
     if forms:
         config.consolidated = all(forms)
+    return switched
 
 
 def _tower_of(module_name: str) -> str:
