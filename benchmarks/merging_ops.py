@@ -1,0 +1,152 @@
+"""Host cost of token merging: aten ops and host milliseconds per forward that merging adds to a ViT.
+
+At a tiny width (compute negligible), batch 1 and 1 thread, a forward's time is the host's: one Python dispatch per
+aten op, which on a GPU in eager mode is one kernel launch each. So the ops and ms that a merging method adds over
+the unmerged model are the CPU proxy of what it costs a GPU in eager mode (issue 25, DESIGN.md "Fast where it runs").
+
+Cases (random weights, 12 layers, width 32, 2 heads, sdpa attention):
+* ViT, 224 px, patch 16 -> 197 tokens: unmerged; ToMe r=16; PYRA low unmerged (LoRA r=8 applied as a delta) and
+  merged (LoRA folded into q/k/v: the deployed form).
+* CLIP vision, ViT-B/32 video case (224 px, patch 32 -> 50 tokens, 12 frames, one video): meanP (every frame
+  through the plain tower) vs TempMe's default schedule (ImgMe r=2, clip merges in layers 8-9-10 with groups 2-2-3,
+  intra-clip merging after), LoRA folded.
+* With `import timm, tome` working: timm's vit_base_patch16_224 at the same tiny width, plain vs
+  `tome.patch.timm` with r=16 (the reference implementation); skipped with a note otherwise.
+
+Ops are counted with a TorchDispatchMode (every aten call of one no-grad forward); host ms is the median of
+--repeats forwards, timed in interleaved rounds (benchmarks/common.py) so that drift hits all cases alike; the load
+average is stored with it. Added = method - its unmerged model.
+
+    python benchmarks/merging_ops.py [--repeats 21] [--label after]
+        -> results/merging_ops.json (the run is stored under --label; other labels in the file are kept)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import warnings
+
+import torch
+from peft import get_peft_model
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import CLIPVisionConfig, CLIPVisionModel, ViTConfig, ViTModel
+
+from peft_effadapt import PYRAConfig, TempMeConfig, ToMeConfig
+
+from common import RESULTS, interleaved_medians, write_result
+
+TINY = dict(hidden_size=32, num_hidden_layers=12, num_attention_heads=2, intermediate_size=64, image_size=224)
+RESULT = RESULTS / "merging_ops.json"
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(model, x) -> int:
+    with torch.no_grad(), OpCounter() as counter:
+        model(x)
+    return counter.ops
+
+
+def forward(model, x):
+    def run():
+        with torch.no_grad():
+            model(x)
+
+    return run
+
+
+def vit() -> ViTModel:
+    torch.manual_seed(0)
+    return ViTModel(ViTConfig(patch_size=16, **TINY), add_pooling_layer=False).eval()
+
+
+def clip_vision() -> CLIPVisionModel:
+    torch.manual_seed(0)
+    return CLIPVisionModel(CLIPVisionConfig(patch_size=32, **TINY)).eval()
+
+
+def peft(model, config, merged: bool = False):
+    model = get_peft_model(model, config).eval()
+    return model.merge_and_unload() if merged else model
+
+
+def hf_cases() -> dict[str, tuple[str, object, torch.Tensor]]:
+    """name -> (baseline name, model, input)."""
+    image = torch.randn(1, 3, 224, 224)
+    video = torch.randn(12, 3, 224, 224)  # one video of 12 frames, contiguous
+    tempme = TempMeConfig.from_preset("vit-b/32", lora_r=0)
+    return {
+        "ViT (unmerged)": (None, vit(), image),
+        "ToMe r=16": ("ViT (unmerged)", peft(vit(), ToMeConfig(merge_schedule=16)), image),
+        "PYRA low, unmerged LoRA": ("ViT (unmerged)", peft(vit(), PYRAConfig(merge_schedule="low")), image),
+        "PYRA low, merged": ("ViT (unmerged)", peft(vit(), PYRAConfig(merge_schedule="low"), merged=True), image),
+        "CLIP B/32 video, meanP (unmerged)": (None, clip_vision(), video),
+        "TempMe B/32 video": ("CLIP B/32 video, meanP (unmerged)", peft(clip_vision(), tempme, merged=True), video),
+    }
+
+
+def reference_cases() -> dict[str, tuple[str, object, torch.Tensor]] | str:
+    """The reference facebookresearch/ToMe on timm, or why it is skipped."""
+    try:
+        import timm
+        import tome
+    except ImportError as err:
+        return f"skipped: {err} (pip install timm and facebookresearch/ToMe to compare)"
+    image = torch.randn(1, 3, 224, 224)
+    kwargs = dict(embed_dim=TINY["hidden_size"], depth=TINY["num_hidden_layers"], num_heads=TINY["num_attention_heads"],
+                  mlp_ratio=TINY["intermediate_size"] / TINY["hidden_size"])
+    torch.manual_seed(0)
+    plain = timm.create_model("vit_base_patch16_224", pretrained=False, **kwargs).eval()
+    torch.manual_seed(0)
+    merged = timm.create_model("vit_base_patch16_224", pretrained=False, **kwargs).eval()
+    tome.patch.timm(merged)
+    merged.r = 16
+    return {"timm ViT (unmerged)": (None, plain, image), "reference ToMe on timm r=16": ("timm ViT (unmerged)", merged,
+                                                                                       image)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--label", default="after", help="key under which this run is stored (e.g. before / after)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ToMe r=16 is clamped to 10 in the last layer (197 tokens), as the reference
+        cases = hf_cases()
+    reference = reference_cases()
+    note = reference if isinstance(reference, str) else None
+    if not isinstance(reference, str):
+        cases.update(reference)
+    seconds = interleaved_medians({name: forward(model, x) for name, (_, model, x) in cases.items()}, args.repeats)
+    rows = {}
+    for name, (base, model, x) in cases.items():
+        rows[name] = {"ops": count_ops(model, x), "host_ms": round(1e3 * seconds[name], 3)}
+        if base is not None:
+            rows[name]["added_ops"] = rows[name]["ops"] - rows[base]["ops"]
+            rows[name]["added_ms"] = round(rows[name]["host_ms"] - rows[base]["host_ms"], 3)
+        print(f"{name:36s} {rows[name]}", flush=True)
+    tome_ops, tome_ms = rows["ToMe r=16"]["added_ops"], rows["ToMe r=16"]["added_ms"]
+    for name in ("PYRA low, unmerged LoRA", "PYRA low, merged"):
+        rows[name]["added_ops_vs_tome"] = round(rows[name]["added_ops"] / tome_ops, 2)
+        rows[name]["added_ms_vs_tome"] = round(rows[name]["added_ms"] / tome_ms, 2) if tome_ms > 0 else None
+    old = json.loads(RESULT.read_text()) if RESULT.exists() else {}
+    runs = {**old.get("runs", {}), args.label: {"repeats": args.repeats, "load_avg_1min": os.getloadavg()[0], "reference": note or "measured",
+                                                "rows": rows}}
+    write_result("merging_ops", {"runs": runs})
+
+
+if __name__ == "__main__":
+    main()
