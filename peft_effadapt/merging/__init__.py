@@ -35,7 +35,9 @@ from .matching import (
     merge_source,
     merge_tokens,
     merge_wavg,
+    pack_weighted,
     tokens_by_group,
+    unpack_weighted,
 )
 from .qkv_lora import init_qkv_lora, qkv_delta_fn, qkv_delta_weights
 from .schedules import (
@@ -95,6 +97,7 @@ __all__ = [
     "merge_tokens",
     "merge_wavg",
     "model_family",
+    "pack_weighted",
     "qkv_delta_fn",
     "qkv_delta_weights",
     "ramp_schedule",
@@ -105,6 +108,7 @@ __all__ = [
     "token_counts",
     "tokens_by_group",
     "ungroup_protected",
+    "unpack_weighted",
     "validate_spec",
     "vision_config_of",
 ]

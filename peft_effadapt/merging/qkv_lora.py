@@ -29,10 +29,13 @@ def qkv_delta_weights(a: torch.Tensor, b: torch.Tensor, scale: float, shared: bo
 def qkv_delta_fn(a: torch.Tensor, b: torch.Tensor, scale: float, shared: bool, dropout: nn.Module):
     """x -> (Δq, Δk, Δv); the shared form computes A·x once for all three."""
 
+    def scaled(t: torch.Tensor) -> torch.Tensor:
+        return t if scale == 1.0 else t * scale  # the official scale 1 costs no op
+
     def delta(x: torch.Tensor):
         z = F.linear(dropout(x.to(a.dtype)), a)
         if shared:
-            return tuple(part.to(x.dtype) for part in (F.linear(z, b) * scale).chunk(3, dim=-1))
-        return tuple((F.linear(zi, bi) * scale).to(x.dtype) for zi, bi in zip(z.chunk(3, dim=-1), b.chunk(3, dim=0)))
+            return tuple(part.to(x.dtype) for part in scaled(F.linear(z, b)).chunk(3, dim=-1))
+        return tuple(scaled(F.linear(zi, bi)).to(x.dtype) for zi, bi in zip(z.chunk(3, dim=-1), b.chunk(3, dim=0)))
 
     return delta
