@@ -19,13 +19,22 @@ average is stored with it. Added = method - its unmerged model.
 
     python benchmarks/merging_ops.py [--repeats 21] [--label after]
         -> results/merging_ops.json (the run is stored under --label; other labels in the file are kept)
+
+With --vit-b16 (issue 25's CPU goal): ViT-B/16, random weights, batch --batch, --threads threads: images/s of the
+unmerged model, ToMe r=16 and merged PYRA low, eager and compiled with `compile_for_inference` (inductor; each
+compiled model checked against eager), interleaved medians of --repeats in one run; speed-ups against the
+unmerged model in the same mode, and compiled over eager.
+
+    python benchmarks/merging_ops.py --vit-b16 [--threads 2] [--batch 8] [--repeats 21] [--label quiet]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
+import time
 import warnings
 
 import torch
@@ -33,7 +42,7 @@ from peft import get_peft_model
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import CLIPVisionConfig, CLIPVisionModel, ViTConfig, ViTModel
 
-from peft_effadapt import PYRAConfig, TempMeConfig, ToMeConfig
+from peft_effadapt import PYRAConfig, TempMeConfig, ToMeConfig, compile_for_inference
 
 from common import RESULTS, interleaved_medians, write_result
 
@@ -117,11 +126,8 @@ def reference_cases() -> dict[str, tuple[str, object, torch.Tensor]] | str:
                                                                                        image)}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=21)
-    parser.add_argument("--label", default="after", help="key under which this run is stored (e.g. before / after)")
-    args = parser.parse_args()
+def host_cost(args) -> dict:
+    """The tiny-width host-cost table (ops and ms per forward, added vs the unmerged model)."""
     torch.set_num_threads(1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ToMe r=16 is clamped to 10 in the last layer (197 tokens), as the reference
@@ -142,10 +148,64 @@ def main():
     for name in ("PYRA low, unmerged LoRA", "PYRA low, merged"):
         rows[name]["added_ops_vs_tome"] = round(rows[name]["added_ops"] / tome_ops, 2)
         rows[name]["added_ms_vs_tome"] = round(rows[name]["added_ms"] / tome_ms, 2) if tome_ms > 0 else None
+    return {"repeats": args.repeats, "load_avg_1min": os.getloadavg()[0], "reference": note or "measured",
+            "rows": rows}
+
+
+def vit_b16_speed(args) -> dict:
+    """ViT-B/16 (random weights, 224 px): eager and compiled (`compile_for_inference`, inductor) images/s of the
+    unmerged model, ToMe r=16 and merged PYRA low; speed-ups against the unmerged model in the same mode."""
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
+    torch.manual_seed(0)
+    base = ViTModel(ViTConfig(patch_size=16, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                              intermediate_size=3072, image_size=224), add_pooling_layer=False).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        models = {
+            "unmerged": base,
+            "ToMe r=16": peft(copy.deepcopy(base), ToMeConfig(merge_schedule=16), merged=True),
+            "PYRA low": peft(copy.deepcopy(base), PYRAConfig(merge_schedule="low", init_weights=False), merged=True),
+        }
+    x = torch.randn(args.batch, 3, 224, 224)
+    compile_s = {}
+    compiled = {}
+    for name, model in models.items():
+        start = time.perf_counter()
+        compiled[name] = compile_for_inference(model, example_inputs={"pixel_values": x})  # compiles and checks
+        compile_s[name] = round(time.perf_counter() - start, 1)
+        print(f"compiled {name} in {compile_s[name]} s", flush=True)
+    timers = {**{f"eager {k}": forward(m, x) for k, m in models.items()},
+              **{f"compiled {k}": forward(m, x) for k, m in compiled.items()}}
+    seconds = interleaved_medians(timers, args.repeats, warmup=1)
+    result = {"batch": args.batch, "threads": args.threads, "repeats": args.repeats,
+              "load_avg_1min_before_after": [load_before, os.getloadavg()[0]],
+              "images_per_s": {k: round(args.batch / s, 2) for k, s in seconds.items()}, "compile_s": compile_s}
+    for mode in ("eager", "compiled"):
+        result[f"{mode}_speedup_vs_unmerged"] = {
+            k: round(seconds[f"{mode} unmerged"] / seconds[f"{mode} {k}"], 3) for k in models if k != "unmerged"}
+    result["compiled_vs_eager"] = {k: round(seconds[f"eager {k}"] / seconds[f"compiled {k}"], 3) for k in models}
+    print(result, flush=True)
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--label", default="after", help="key under which this run is stored (e.g. before / after)")
+    parser.add_argument("--vit-b16", action="store_true",
+                        help="instead: eager vs compiled speed-ups of ToMe and PYRA at ViT-B/16 size (stored under "
+                             "'vit_b16/<label>')")
+    parser.add_argument("--threads", type=int, default=2, help="--vit-b16 only")
+    parser.add_argument("--batch", type=int, default=8, help="--vit-b16 only")
+    args = parser.parse_args()
     old = json.loads(RESULT.read_text()) if RESULT.exists() else {}
-    runs = {**old.get("runs", {}), args.label: {"repeats": args.repeats, "load_avg_1min": os.getloadavg()[0], "reference": note or "measured",
-                                                "rows": rows}}
-    write_result("merging_ops", {"runs": runs})
+    payload = {"runs": old.get("runs", {}), "vit_b16": old.get("vit_b16", {})}
+    if args.vit_b16:
+        payload["vit_b16"][args.label] = vit_b16_speed(args)
+    else:
+        payload["runs"][args.label] = host_cost(args)
+    write_result("merging_ops", payload)
 
 
 if __name__ == "__main__":

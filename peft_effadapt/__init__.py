@@ -9,8 +9,8 @@ called::
 """
 
 from . import compat
-from .compiling import compile_for_inference
 from .active import ActiveAdaptationLoop, ContrastiveActiveSampler, ImagePreprocess, LFTLConfig, VPATrainer
+from .compiling import compile_for_inference
 from .pruning import (
     CentripetalSGDCallback,
     CSGDConfig,

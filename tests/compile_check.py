@@ -123,3 +123,124 @@ def max_abs_difference(eager, compiled) -> float:
     pairs = [(eager["losses"], compiled["losses"])]
     pairs += [(eager[k][n], compiled[k][n]) for k in ("grads", "params") for n in eager[k]]
     return max(float((a - b).abs().max()) for a, b in pairs)
+
+
+# -- compile_for_inference: the deployed form of every type, two batch sizes ----------------------------------------
+@dataclass
+class InferenceCase:
+    """A module as deployed (`make()`), its inputs at a batch size (`inputs(batch)`) and the compared tensor."""
+
+    id: str
+    make: Callable[[], torch.nn.Module]
+    inputs: Callable[[int], dict]
+    output: Callable[[object], torch.Tensor]
+    batches: tuple[int, int] = (3, 2)
+
+
+def _method_case(case_id: str):
+    from method_cases import CASES
+
+    return next(case for case in CASES if case.id == case_id)
+
+
+def _peft(case_id: str, merged: bool = False):
+    return lambda: build(_method_case(case_id), merged)
+
+
+def _images(batch: int) -> dict:
+    from peft_effadapt.testing import tiny_pixel_values
+
+    return {"pixel_values": tiny_pixel_values(batch=batch)}
+
+
+def _classifier(case_id: str):
+    """A CLIPZeroShotClassifier over the case's prompt adapter (its three placeholder classes)."""
+
+    def make():
+        from peft_effadapt import CLIPZeroShotClassifier
+
+        return CLIPZeroShotClassifier(build(_method_case(case_id)), class_token_ids=[[20], [21, 22], [23, 24, 25]],
+                                      special_token_ids=(1, 2, 0))
+
+    return make
+
+
+TEMPME_FRAMES = 4
+
+
+def _tempme_retrieval(merged: bool = False):
+    from peft_effadapt import CLIPVideoRetrieval
+
+    model = build(_method_case("tempme-clip"), merged)  # 4 frames per video, clips of 4 in layer 1
+    return CLIPVideoRetrieval(model)
+
+
+def _videos(batch: int) -> dict:
+    from peft_effadapt.testing import tiny_pixel_values, tiny_text_inputs
+
+    pixels = tiny_pixel_values(batch=batch * TEMPME_FRAMES).view(batch, TEMPME_FRAMES, 3, 32, 32)
+    return {"pixel_values": pixels, **tiny_text_inputs(batch=batch)}
+
+
+def _prompts_and_images(batch: int) -> dict:
+    """The three placeholder prompts of tests/method_cases.py and `batch` images."""
+    from method_cases import _prompt_inputs
+
+    return {**_prompt_inputs(), **_images(batch)}
+
+
+def _slimmed_resnet():
+    """A ResNet slimmed by a ResRep plan, saved and loaded back with `load_slimmed` (what a user deploys)."""
+    import tempfile
+
+    from peft_effadapt.pruning import apply_plan, find_channel_groups, load_slimmed, plan_from_widths, save_slimmed
+    from peft_effadapt.testing import tiny_resnet
+
+    model = tiny_resnet(random_batchnorm=True)
+    plan = plan_from_widths(model, find_channel_groups(model), {"stage0.layer0.conv0": 2, "stage1": 16},
+                            method="resrep")
+    with tempfile.TemporaryDirectory() as folder:
+        save_slimmed(apply_plan(model, plan), plan, folder)
+        return load_slimmed(folder)
+
+
+def _logits(out):
+    return out.logits
+
+
+INFERENCE_CASES = [
+    InferenceCase("tome", _peft("tome-vit-cls"), _images, _logits),
+    InferenceCase("pyra", _peft("pyra-vit-cls"), _images, _logits),
+    InferenceCase("pyra-merged", _peft("pyra-vit-cls", merged=True), _images, _logits),
+    InferenceCase("tempme-retrieval", _tempme_retrieval, _videos, lambda out: out.logits_per_text),
+    InferenceCase("tempme-merged-video-encoder", lambda: _tempme_retrieval(merged=True).video_encoder(),
+                  lambda batch: {"pixel_values": _videos(batch)["pixel_values"]}, lambda out: out),
+    InferenceCase("slimmed-resnet", _slimmed_resnet, _images, _logits),
+    InferenceCase("consolidator-merged", _peft("consolidator-vit-cls", merged=True), _images, _logits),
+    *[InferenceCase(f"{case_id}-classifier", _classifier(f"{case_id}-clip"), _images, _logits)
+      for case_id in ("coop", "rlp", "qprompt-coop", "qprompt-rlp", "qprompt-maple", "cocoop", "maple")],
+    InferenceCase("qprompt-maple-peft", _peft("qprompt-maple-clip"), lambda batch: _prompts_and_images(batch),
+                  lambda out: out.logits_per_image),
+]
+
+
+def compile_inference_case(case: InferenceCase, backend: str = "inductor", **kwargs) -> dict:
+    """Eager outputs of the deployed form and `compile_for_inference` outputs at batch sizes a, a, b, b; the graphs
+    compiled (one per batch size when nothing recompiles) and the graph breaks."""
+    from peft_effadapt.compiling import compile_for_inference, inference_form
+
+    torch.manual_seed(0)
+    model = case.make()
+    a, b = case.batches
+    inputs = {n: case.inputs(n) for n in (a, b)}
+    form = inference_form(model)
+    with torch.no_grad():
+        eager = {n: case.output(form(**x)) for n, x in inputs.items()}
+    torch._dynamo.reset()
+    counters.clear()
+    counting = CountingBackend(backend)
+    compiled = compile_for_inference(model, backend=counting, **kwargs)
+    with torch.no_grad():
+        got = {n: [case.output(compiled(**inputs[n])) for _ in range(2)] for n in (a, b)}
+    return {"eager": eager, "compiled": got, "graphs": counting.graphs,
+            "graph_breaks": sum(counters["graph_break"].values()), "model": model, "form": form}

@@ -1,4 +1,4 @@
-"""Every python block of README.md and docs/*.md runs as written (on the bundled testbed), extracted from the Markdown.
+"""Every python block of README.md and docs/**/*.md runs as written (on the bundled testbed), extracted from the Markdown.
 
 Blocks run in file order, each in a fresh namespace and a fresh working folder, in a separate process (so a block
 cannot lean on what an earlier test imported). The quick start must run with warnings as errors.
@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-# blocks that train for a few hundred steps (tens of seconds of CPU each): run with -m slow
-SLOW_SECTIONS = {"C-SGD", "ResRep", "LFTL"}
+DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+# blocks that train for a few hundred steps or compile with inductor (tens of seconds of CPU each): run with -m slow
+SLOW_SECTIONS = {"C-SGD", "ResRep", "LFTL", "compile_for_inference"}
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```\s*$", re.S | re.M)
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
