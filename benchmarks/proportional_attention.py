@@ -13,13 +13,12 @@ benchmarks/results/proportional_attention.json.
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import torch
 import torch.nn.functional as F
 
-from common import interleaved_medians, write_result
+from common import interleaved_medians, speed_arguments, write_result
 
 try:
     from torch.nn.attention.flex_attention import flex_attention
@@ -57,11 +56,7 @@ def call(fn, *args):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--batch", type=int, default=8)
-    args = parser.parse_args()
+    args = speed_arguments(__doc__, repeats=20).parse_args()
     torch.set_num_threads(args.threads)
     kernels = {"math": math_attention, "sdpa+bias": sdpa, "sdpa, no bias": sdpa_without_bias}
     compiled = {f"compiled {name}": torch.compile(fn, fullgraph=True, dynamic=False) for name, fn in kernels.items()}
