@@ -14,8 +14,10 @@ import torch
 from torch import nn
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-# fp32: reordered sums move results by a few ulp of their scale (tests/fp32.py); half types: their rounding step
-EQUALITY_RTOL = {torch.float64: 1e-5, torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+# fp32: reordered sums (thousands of terms) over tens of layers move a real-size model's outputs by up to ~2e-5 of
+# their scale (merged PYRA on ViT-B/16, inductor on the CPU: 1.1e-4 at scale 5.9); a wrong row, mask or merge moves
+# them by far more. Half types: their own rounding step.
+EQUALITY_RTOL = {torch.float64: 1e-4, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
 
 def inference_form(model: nn.Module) -> nn.Module:
@@ -63,7 +65,7 @@ def compile_for_inference(
             in seconds).
         example_inputs: keyword arguments (a dict) or positional arguments (a tuple) of one representative call:
             compiles now (the first request is not slow) and checks the compiled output against eager within the
-            rounding of the output dtype (`EQUALITY_RTOL`: 1e-5 of the output scale in fp32).
+            rounding of the output dtype (`EQUALITY_RTOL`: 1e-4 relative and of the output scale in fp32).
 
     Returns:
         The compiled module (call it like `model`; like `model.inference_module()` for a task wrapper).

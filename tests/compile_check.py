@@ -244,3 +244,76 @@ def compile_inference_case(case: InferenceCase, backend: str = "inductor", **kwa
         got = {n: [case.output(compiled(**inputs[n])) for _ in range(2)] for n in (a, b)}
     return {"eager": eager, "compiled": got, "graphs": counting.graphs,
             "graph_breaks": sum(counters["graph_break"].values()), "model": model, "form": form}
+
+
+# -- the same at real sizes (random weights; capture checked with dynamo's eager backend in the slow suite) ---------
+def _vit_b16():
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    return ViTModel(ViTConfig(), add_pooling_layer=False).eval()  # ViT-B/16 at 224: 197 tokens
+
+
+def _real_peft(config_fn, merged: bool):
+    def make():
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ToMe r=16 is clamped to 10 in the last layer, as the reference
+            model = get_peft_model(_vit_b16(), config_fn())
+        return model.merge_and_unload() if merged else model
+
+    return make
+
+
+def _tempme_b32():
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from peft_effadapt import TempMeConfig
+
+    torch.manual_seed(0)
+    vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                              num_attention_heads=12, image_size=224, patch_size=32)).eval()
+    return get_peft_model(vision, TempMeConfig.from_preset("vit-b/32")).merge_and_unload()
+
+
+def _resnet50_half_flops():
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    from peft_effadapt.pruning import apply_plan, find_channel_groups, plan_from_widths, widths_for_flops
+
+    torch.manual_seed(0)
+    model = ResNetForImageClassification(ResNetConfig()).eval()  # ResNet-50
+    x = torch.randn(1, 3, 224, 224)
+    widths = widths_for_flops(model, x, 0.5, groups="internal")
+    return apply_plan(model, plan_from_widths(model, find_channel_groups(model), widths, method="resrep"))
+
+
+def _real_images(batch: int) -> dict:
+    return {"pixel_values": torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(batch))}
+
+
+def _real_videos(batch: int) -> dict:
+    return {"pixel_values": torch.randn(batch, 12, 3, 224, 224, generator=torch.Generator().manual_seed(batch))}
+
+
+def _tome_r16():
+    from peft_effadapt import ToMeConfig
+
+    return ToMeConfig(merge_schedule=16)
+
+
+def _pyra_low():
+    from peft_effadapt import PYRAConfig
+
+    return PYRAConfig(merge_schedule="low")
+
+
+REAL_SHAPED_CASES = [
+    InferenceCase("tome-vit-b16", _real_peft(_tome_r16, merged=False), _real_images,
+                  lambda out: out.last_hidden_state, batches=(2, 1)),
+    InferenceCase("pyra-low-vit-b16-merged", _real_peft(_pyra_low, merged=True), _real_images,
+                  lambda out: out.last_hidden_state, batches=(2, 1)),
+    InferenceCase("tempme-b32-merged", _tempme_b32, _real_videos, lambda out: out.pooler_output, batches=(2, 1)),
+    InferenceCase("resnet50-half-flops", _resnet50_half_flops, _real_images, _logits, batches=(2, 1)),
+]

@@ -17,7 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from compile_check import INFERENCE_CASES, PER_TYPE, build, compile_inference_case, compiled_call, run_mode
+from compile_check import (
+    INFERENCE_CASES,
+    PER_TYPE,
+    REAL_SHAPED_CASES,
+    build,
+    compile_inference_case,
+    compiled_call,
+    run_mode,
+)
 from fp32 import assert_fp32_close
 from method_cases import CASES
 
@@ -109,6 +117,17 @@ def test_compile_for_inference_with_inductor_equals_eager(case):
     """The deployed form of every type through inductor: one graph per batch size, none on a repeat, equal to
     eager (tests/test_compile_inference.py checks the capture in seconds with dynamo's eager backend)."""
     result = compile_inference_case(case)
+    assert (result["graphs"], result["graph_breaks"]) == (2, 0)
+    for batch, outputs in result["compiled"].items():
+        for out in outputs:
+            assert_fp32_close(out, result["eager"][batch])
+
+
+@pytest.mark.parametrize("case", REAL_SHAPED_CASES, ids=lambda case: case.id)
+def test_real_shaped_models_capture_in_one_graph_per_batch_size(case):
+    """ViT-B/16 with ToMe r=16 and merged PYRA low, TempMe's ViT-B/32 video case (12 frames) and a ResNet-50 slimmed
+    to half its FLOPs: one graph per batch size, no break, equal to eager (capture by dynamo, eager backend)."""
+    result = compile_inference_case(case, backend="eager")
     assert (result["graphs"], result["graph_breaks"]) == (2, 0)
     for batch, outputs in result["compiled"].items():
         for out in outputs:

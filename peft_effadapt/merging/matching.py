@@ -53,28 +53,23 @@ class MergePlan:
         return self.num_tokens - self.r
 
     @property
-    def protected_split(self) -> tuple[int, int]:
-        """(protected tokens in A, protected tokens in B): CLS at 0 is in A, a distillation token at 1 in B."""
-        return (self.protected + 1) // 2, self.protected // 2
-
-    @property
     def unmerged_idx(self) -> torch.Tensor | None:
         """B×(|A|−r)×1, ascending: the A tokens that stay (protected ones first)."""
         if self.kept is None:
             return None
-        in_a = self.protected_split[0]
+        in_a = protected_split(self.protected)[0]
         head = torch.arange(in_a, device=self.kept.device).view(1, -1, 1).expand(self.kept.shape[0], -1, -1)
         return torch.cat([head, self.kept + in_a], dim=1)
 
     @property
     def src_idx(self) -> torch.Tensor | None:
         """B×r×1: the A tokens merged away (index into all of A), in descending score order."""
-        return None if self.src is None else self.src + self.protected_split[0]
+        return None if self.src is None else self.src + protected_split(self.protected)[0]
 
     @property
     def dst_idx(self) -> torch.Tensor | None:
         """B×r×1: the B token (index into all of B) each source merges into."""
-        return None if self.dst is None else self.dst + self.protected_split[1]
+        return None if self.dst is None else self.dst + protected_split(self.protected)[1]
 
 
 def max_mergeable(num_tokens: int, protected: int = 1) -> int:
@@ -91,9 +86,14 @@ def _check_protected(protected: int) -> None:
         )
 
 
+def protected_split(protected: int) -> tuple[int, int]:
+    """(protected tokens in A, protected tokens in B): CLS at 0 is in A, a distillation token at 1 in B."""
+    return (protected + 1) // 2, protected // 2
+
+
 def _unprotected_sets(x: torch.Tensor, protected: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(A_u, B_u): the unprotected even- and odd-position tokens of a B×N×C tensor (one strided slice each)."""
-    in_a, in_b = (protected + 1) // 2, protected // 2
+    in_a, in_b = protected_split(protected)
     return x[:, 2 * in_a :: 2], x[:, 2 * in_b + 1 :: 2]
 
 
