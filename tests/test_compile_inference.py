@@ -72,8 +72,15 @@ def test_example_inputs_compile_now_and_check_against_eager():
         return lambda *args: [out + 1 for out in gm(*args)]
 
     torch._dynamo.reset()
-    with pytest.raises(RuntimeError, match="differs from eager"):
+    with pytest.raises(RuntimeError, match="differs from eager in 2 of 2 rows"):
         compile_for_inference(model, backend=off_by_one, example_inputs=x)
+
+    def first_row_off(gm, example_inputs):  # one sample changed: what a flipped merge decision looks like
+        return lambda *args: [out.index_add(0, torch.tensor([0]), torch.ones_like(out[:1])) for out in gm(*args)]
+
+    torch._dynamo.reset()
+    with pytest.warns(RuntimeWarning, match="differs from eager in 1 of 2 rows"):
+        compile_for_inference(model, backend=first_row_off, example_inputs=x)
 
 
 def test_bad_mode_is_refused():
