@@ -26,6 +26,11 @@ compiled model checked against eager), interleaved medians of --repeats in one r
 unmerged model in the same mode, and compiled over eager.
 
     python benchmarks/merging_ops.py --vit-b16 [--threads 2] [--batch 8] [--repeats 21] [--label quiet]
+
+With --compare-with DIR (another checkout, e.g. `git worktree add DIR <commit>`): the host-cost table of DIR's
+code ("other") and of this checkout ("this"), from alternating subprocesses, --rounds each; medians over rounds.
+
+    python benchmarks/merging_ops.py --compare-with DIR [--rounds 3] [--label "before vs after"]
 """
 
 from __future__ import annotations
@@ -34,8 +39,12 @@ import argparse
 import copy
 import json
 import os
+import statistics
+import subprocess
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 from peft import get_peft_model
@@ -189,20 +198,51 @@ def vit_b16_speed(args) -> dict:
     return result
 
 
+def paired(args) -> dict:
+    """`host_cost` of another checkout (`--compare-with`, e.g. the code before a change) and of this one, in
+    alternating subprocesses (--rounds each), so that machine drift hits both; medians over the rounds."""
+    runs = {"other": [], "this": []}
+    for _ in range(args.rounds):
+        for side, path in (("other", args.compare_with), ("this", str(Path(__file__).resolve().parents[1]))):
+            env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+            out = subprocess.run([sys.executable, __file__, "--print", "--repeats", str(args.repeats)], env=env,
+                                 capture_output=True, text=True, check=True)
+            runs[side].append(json.loads(out.stdout.strip().splitlines()[-1])["rows"])
+    result = {"compare_with": args.compare_with, "rounds": args.rounds, "load_avg_1min": os.getloadavg()[0]}
+    for side, rows in runs.items():
+        names = rows[0]
+        ms = {n: statistics.median(r[n]["host_ms"] for r in rows) for n in names}
+        result[side] = {n: {"ops": rows[0][n]["ops"], "host_ms": round(ms[n], 3),
+                            **({"added_ops": rows[0][n]["added_ops"],
+                                "added_ms": round(statistics.median(r[n]["added_ms"] for r in rows), 3)}
+                               if "added_ops" in rows[0][n] else {})} for n in names}
+    print(json.dumps(result, indent=1), flush=True)
+    return result
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--label", default="after", help="key under which this run is stored (e.g. before / after)")
+    parser.add_argument("--compare-with", help="another checkout (e.g. of the code before a change): host cost of "
+                                               "both, in alternating subprocesses")
+    parser.add_argument("--rounds", type=int, default=3, help="--compare-with only")
+    parser.add_argument("--print", action="store_true", help=argparse.SUPPRESS)  # a --compare-with subprocess
     parser.add_argument("--vit-b16", action="store_true",
                         help="instead: eager vs compiled speed-ups of ToMe and PYRA at ViT-B/16 size (stored under "
                              "'vit_b16/<label>')")
     parser.add_argument("--threads", type=int, default=2, help="--vit-b16 only")
     parser.add_argument("--batch", type=int, default=8, help="--vit-b16 only")
     args = parser.parse_args()
+    if args.print:
+        print(json.dumps(host_cost(args)))
+        return
     old = json.loads(RESULT.read_text()) if RESULT.exists() else {}
     payload = {"runs": old.get("runs", {}), "vit_b16": old.get("vit_b16", {})}
     if args.vit_b16:
         payload["vit_b16"][args.label] = vit_b16_speed(args)
+    elif args.compare_with:
+        payload["runs"][args.label] = paired(args)
     else:
         payload["runs"][args.label] = host_cost(args)
     write_result("merging_ops", payload)
