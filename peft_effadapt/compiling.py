@@ -8,6 +8,7 @@ shapes. docs/guides/compile-gpu.md describes what compiles, the batch-size behav
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 
@@ -81,10 +82,20 @@ def compile_for_inference(
         raise ValueError(f"compile_for_inference: mode={mode!r} is not one of {COMPILE_MODES}")
     form = inference_form(model)
     options = {"mode": mode} if backend == "inductor" else {}
-    compiled = torch.compile(form, fullgraph=fullgraph, dynamic=dynamic, backend=backend, **options)
+    with _hooks_inside_the_graph():
+        compiled = torch.compile(form, fullgraph=fullgraph, dynamic=dynamic, backend=backend, **options)
     if example_inputs is not None:
         check_against_eager(form, compiled, example_inputs)
     return compiled
+
+
+def _hooks_inside_the_graph():
+    """`torch.compile(module)` runs the hooks of the module itself outside the graph (each compiled as a frame of its
+    own) unless dynamo's `wrap_top_frame` is set when the module is wrapped: set it, so that e.g. TempMe's video
+    hooks on a bare `CLIPVisionModel` are part of the one graph. Older torch without the option: unchanged."""
+    if hasattr(torch._dynamo.config, "wrap_top_frame"):
+        return torch._dynamo.config.patch(wrap_top_frame=True)
+    return contextlib.nullcontext()
 
 
 def _call(module, inputs):

@@ -175,6 +175,15 @@ def _tempme_retrieval(merged: bool = False):
     return CLIPVideoRetrieval(model)
 
 
+def _tempme_vision():
+    from peft_effadapt import TempMeConfig
+    from peft_effadapt.testing import tiny_clip_vision
+
+    config = TempMeConfig(num_frames=TEMPME_FRAMES, imgme_r=2, clip_merge_layers=[1], clip_group_sizes=[4], lora_r=2,
+                          init_weights=False)
+    return get_peft_model(tiny_clip_vision(seed=0), config).merge_and_unload()
+
+
 def _videos(batch: int) -> dict:
     from peft_effadapt.testing import tiny_pixel_values, tiny_text_inputs
 
@@ -215,6 +224,8 @@ INFERENCE_CASES = [
     InferenceCase("tempme-retrieval", _tempme_retrieval, _videos, lambda out: out.logits_per_text),
     InferenceCase("tempme-merged-video-encoder", lambda: _tempme_retrieval(merged=True).video_encoder(),
                   lambda batch: {"pixel_values": _videos(batch)["pixel_values"]}, lambda out: out),
+    InferenceCase("tempme-merged-clip-vision", _tempme_vision, lambda batch: {"pixel_values": _videos(batch)[
+        "pixel_values"]}, lambda out: out.pooler_output),  # the video hooks sit on the compiled module itself
     InferenceCase("slimmed-resnet", _slimmed_resnet, _images, _logits),
     InferenceCase("consolidator-merged", _peft("consolidator-vit-cls", merged=True), _images, _logits),
     *[InferenceCase(f"{case_id}-classifier", _classifier(f"{case_id}-clip"), _images, _logits)

@@ -132,3 +132,20 @@ def test_real_shaped_models_capture_in_one_graph_per_batch_size(case):
     for batch, outputs in result["compiled"].items():
         for out in outputs:
             assert_fp32_close(out, result["eager"][batch])
+
+
+def test_flex_kernel_through_inductor_equals_the_eager_math():
+    """FlexAttention's score_mod (what CUDA runs under compilation), compiled by inductor for the CPU."""
+    from peft import get_peft_model
+
+    from peft_effadapt import ToMeConfig, compile_for_inference
+    from peft_effadapt.merging import use_key_bias_kernel
+    from peft_effadapt.testing import tiny_pixel_values, tiny_vit
+
+    x = tiny_pixel_values(batch=3)
+    with torch.no_grad():
+        eager = get_peft_model(tiny_vit(attn_implementation="eager"), ToMeConfig(merge_schedule=[4, 4])).eval()
+        expected = eager(pixel_values=x).logits
+        model = get_peft_model(tiny_vit(attn_implementation="sdpa"), ToMeConfig(merge_schedule=[4, 4]))
+        with use_key_bias_kernel("flex"):
+            assert_fp32_close(compile_for_inference(model)(pixel_values=x).logits, expected)

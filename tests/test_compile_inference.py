@@ -102,6 +102,19 @@ def test_kernel_choice():
         pass
 
 
+def test_flex_is_chosen_under_compilation_on_cuda_and_falls_back_without_it(monkeypatch):
+    from peft_effadapt.merging import attention
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert key_bias_kernel("sdpa", cuda, 0.0, False) == "flex"
+    assert key_bias_kernel("sdpa", torch.device("cpu"), 0.0, False) == "sdpa"
+    monkeypatch.setattr(attention, "flex_attention", None)  # a torch without FlexAttention (< 2.5)
+    assert key_bias_kernel("sdpa", cuda, 0.0, False) == "sdpa"
+    with pytest.raises(ValueError, match="torch >= 2.5"), use_key_bias_kernel("flex"):
+        pass
+
+
 def _tome(attn_implementation: str):
     return get_peft_model(tiny_vit(attn_implementation=attn_implementation), ToMeConfig(merge_schedule=[4, 4])).eval()
 
