@@ -90,29 +90,43 @@ def test_bad_mode_is_refused():
 
 # -- proportional attention: the kernel choice and each kernel against the eager math --------------------------------
 def test_kernel_choice():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert key_bias_kernel("eager", cpu, 0.0, False) == "eager"  # the user's choice
-    assert key_bias_kernel("sdpa", cpu, 0.0, True) == "eager"  # attention weights need the math
-    assert key_bias_kernel("sdpa", cpu, 0.0, False) == "sdpa"  # measured fastest on the CPU
-    assert key_bias_kernel("sdpa", cuda, 0.0, False) == "sdpa"  # eager FlexAttention is unfused
+    assert key_bias_kernel("eager", 0.0, False) == "eager"  # the user's choice
+    assert key_bias_kernel("sdpa", 0.0, True) == "eager"  # attention weights need the math
+    assert key_bias_kernel("sdpa", 0.0, False) == "sdpa"  # measured fastest on the CPU; memory-efficient on CUDA
     with use_key_bias_kernel("flex"):
-        assert key_bias_kernel("sdpa", cpu, 0.0, False) == "flex"
-        assert key_bias_kernel("sdpa", cpu, 0.1, False) == "sdpa"  # FlexAttention has no dropout
+        assert key_bias_kernel("sdpa", 0.0, False) == "flex"
+        assert key_bias_kernel("sdpa", 0.1, False) == "sdpa"  # FlexAttention has no dropout
+        assert key_bias_kernel("eager", 0.0, False) == "eager"
     with pytest.raises(ValueError, match="kernel"), use_key_bias_kernel("flash"):
         pass
 
 
-def test_flex_is_chosen_under_compilation_on_cuda_and_falls_back_without_it(monkeypatch):
+def test_flex_is_refused_without_flex_attention(monkeypatch):
     from peft_effadapt.merging import attention
 
-    cuda = torch.device("cuda")
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert key_bias_kernel("sdpa", cuda, 0.0, False) == "flex"
-    assert key_bias_kernel("sdpa", torch.device("cpu"), 0.0, False) == "sdpa"
     monkeypatch.setattr(attention, "flex_attention", None)  # a torch without FlexAttention (< 2.5)
-    assert key_bias_kernel("sdpa", cuda, 0.0, False) == "sdpa"
     with pytest.raises(ValueError, match="torch >= 2.5"), use_key_bias_kernel("flex"):
         pass
+
+
+def test_a_compiled_flex_call_loses_later_attribute_writes():
+    """Why "auto" never picks FlexAttention (torch 2.13): dynamo drops the Python attribute writes that follow a
+    flex_attention call in a compiled graph. If torch fixes it, this test fails: reconsider FlexAttention on CUDA."""
+    flex_attention = pytest.importorskip("torch.nn.attention.flex_attention").flex_attention
+
+    class State:
+        flag = 0
+
+    state = State()
+
+    def run(q):
+        state.flag = 1
+        out = flex_attention(q, q, q)
+        state.flag = 2
+        return out
+
+    torch.compile(run, backend="eager", fullgraph=True)(torch.randn(1, 2, 8, 16))
+    assert state.flag == 1
 
 
 def _tome(attn_implementation: str):
@@ -123,13 +137,18 @@ def _tome(attn_implementation: str):
 def test_each_kernel_equals_the_eager_math_eager_and_captured(kernel):
     """sdpa with the bias mask and FlexAttention's score_mod, run eagerly and captured by dynamo (fullgraph), give
     the logits of the eager attention math."""
+    from transformers.utils import output_capturing
+
     x = tiny_pixel_values(batch=3)
     with torch.no_grad():
         expected = _tome("eager")(pixel_values=x).logits
     model = _tome("sdpa")
-    with use_key_bias_kernel(kernel), torch.no_grad():
-        assert_fp32_close(model(pixel_values=x).logits, expected)
-        assert_fp32_close(compile_for_inference(model, backend="eager")(pixel_values=x).logits, expected)
+    try:
+        with use_key_bias_kernel(kernel), torch.no_grad():
+            assert_fp32_close(model(pixel_values=x).logits, expected)
+            assert_fp32_close(compile_for_inference(model, backend="eager")(pixel_values=x).logits, expected)
+    finally:
+        output_capturing._active_collector.reset(None)  # the dynamo bug above leaves transformers' capture state set
 
 
 def test_output_attentions_run_the_eager_math():

@@ -3,7 +3,7 @@ attention residual and the MLP (ToMe, Bolya et al. 2023, §3).
 
 The attention keys (including any delta added to k) averaged over heads are the matching metric; proportional
 attention is a B×1×1×N float bias, run by the kernel `attention.key_bias_kernel` picks (the model's eager or sdpa
-interface, or FlexAttention under torch.compile on CUDA). The tensor algorithm itself lives in `matching`.
+interface; FlexAttention on request). The tensor algorithm itself lives in `matching`.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def block_attention(
     kernel = "eager" if wants_weights else implementation  # attention weights come from the eager math only
     if key_bias and attention_mask is not None:
         attention_mask = attention_mask.to(query.dtype)
-        kernel = key_bias_kernel(implementation, query.device, dropout, wants_weights)
+        kernel = key_bias_kernel(implementation, dropout, wants_weights)
     if kernel == "flex":
         attn_output, attn_weights = flex_key_bias_attention(query_states, key_states, value_states, attention_mask,
                                                             scaling), None
