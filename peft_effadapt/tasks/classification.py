@@ -237,23 +237,48 @@ class CLIPZeroShotClassifier(nn.Module):
             for m in self.model.modules() if isinstance(m, ContextPromptLayer))
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs) -> CLIPClassifierOutput:
-        clip = self.clip
         if self._image_conditioned():
-            batch = self.prompts()
-            device = self._text_params()[-1].device
-            logits = self.model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                                pixel_values=pixel_values).logits_per_image
+            logits = self.conditioned_logits(pixel_values, *self._prompt_tensors())
         else:
-            image = self.image_features(pixel_values)
-            text = self.text_features().to(image.dtype)
-            logits = clip.logit_scale.exp().to(image.dtype) * image @ text.T
-            if is_siglip(clip):
-                logits = logits + clip.logit_bias.to(image.dtype)
+            logits = self.logits(pixel_values, self.text_features())
+        return self.output(logits, labels)
+
+    def _prompt_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.prompts()
+        device = self._text_params()[-1].device
+        return batch.input_ids.to(device), batch.attention_mask.to(device)
+
+    def logits(self, pixel_values: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """exp(logit_scale) * cos(image, class text features `text`) (+ SigLIP's logit_bias)."""
+        clip = self.clip
+        image = self.image_features(pixel_values)
+        logits = clip.logit_scale.exp().to(image.dtype) * image @ text.to(image.dtype).T
+        return logits + clip.logit_bias.to(image.dtype) if is_siglip(clip) else logits
+
+    def conditioned_logits(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                           attention_mask: torch.Tensor) -> torch.Tensor:
+        """The adapted model's own image-text logits for image-conditioned prompts (CoCoOp)."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                          pixel_values=pixel_values).logits_per_image
+
+    def output(self, logits: torch.Tensor, labels: torch.Tensor | None) -> CLIPClassifierOutput:
         loss = None
         if labels is not None:
             labels = labels.to(logits.device)
-            loss = sigmoid_loss(logits, labels) if is_siglip(clip) else nn.functional.cross_entropy(logits, labels)
+            loss = sigmoid_loss(logits, labels) if is_siglip(self.clip) else nn.functional.cross_entropy(logits, labels)
         return CLIPClassifierOutput(loss=loss, logits=logits)
+
+    def inference_module(self) -> nn.Module:
+        """The classifier as deployed, what `peft_effadapt.compile_for_inference` compiles: the class text features
+        computed once now (for CoOp, RLP, QPrompt and MaPLe the prompt's whole text-side effect) and kept as a
+        constant, so a forward runs the image tower and one matmul; CoCoOp conditions its prompts on the image, so
+        its deployed form keeps the tokenised prompts and runs the adapted model. Build it again after changing
+        class names or the adapter."""
+        self.eval()
+        with torch.no_grad():
+            if self._image_conditioned():
+                return ConditionedPromptClassifier(self, *self._prompt_tensors())
+            return CachedTextClassifier(self, self.text_features())
 
     @torch.no_grad()
     def predict(self, pixel_values: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
@@ -264,6 +289,35 @@ class CLIPZeroShotClassifier(nn.Module):
                               for i in range(0, len(pixel_values), batch_size)])
         finally:
             self.train(was_training)
+
+
+class CachedTextClassifier(nn.Module):
+    """`CLIPZeroShotClassifier` with its class text features fixed (a non-persistent buffer): forward(pixel_values,
+    labels=None) -> CLIPClassifierOutput."""
+
+    def __init__(self, classifier: CLIPZeroShotClassifier, text_features: torch.Tensor) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self.register_buffer("text_features", text_features.detach().clone(), persistent=False)
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs) -> CLIPClassifierOutput:
+        return self.classifier.output(self.classifier.logits(pixel_values, self.text_features), labels)
+
+
+class ConditionedPromptClassifier(nn.Module):
+    """`CLIPZeroShotClassifier` with image-conditioned prompts (CoCoOp) and its tokenised class prompts fixed
+    (non-persistent buffers): forward(pixel_values, labels=None) -> CLIPClassifierOutput."""
+
+    def __init__(self, classifier: CLIPZeroShotClassifier, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self.register_buffer("input_ids", input_ids, persistent=False)
+        self.register_buffer("attention_mask", attention_mask, persistent=False)
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs) -> CLIPClassifierOutput:
+        logits = self.classifier.conditioned_logits(pixel_values, self.input_ids, self.attention_mask)
+        return self.classifier.output(logits, labels)
 
 
 # -- CoOp-protocol evaluation -----------------------------------------------------------------------------------------

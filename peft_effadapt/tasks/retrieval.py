@@ -17,6 +17,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from ..metrics import load_metric
+from ..validation.inputs import require
 from .classification import projected_features
 from .clip import clip_of
 
@@ -60,8 +61,9 @@ def stack_videos(videos, video_mask: torch.Tensor | None = None) -> tuple[torch.
     if tuple(video_mask.shape) != (batch, frames):
         raise ValueError(f"video_mask must have shape (batch, frames) = {(batch, frames)}, got "
                          f"{tuple(video_mask.shape)}.")
-    if (video_mask.sum(1) == 0).any():
-        raise ValueError("every video needs at least one real frame (a row of video_mask is all zeros).")
+    # a compile-safe check (no host synchronisation under torch.compile)
+    require((video_mask.sum(1) > 0).all(), "every video needs at least one real frame (a row of video_mask is all "
+            "zeros).")
     return videos, video_mask
 
 
@@ -138,6 +140,11 @@ class CLIPVideoRetrieval(nn.Module):
         video = (per_frame * weights).sum(1) / weights.sum(1)
         return nn.functional.normalize(video, dim=-1)
 
+    def video_encoder(self) -> VideoEncoder:
+        """A module whose forward is `video_features` (videos -> normalised embeddings), e.g. to encode a video
+        collection offline through `peft_effadapt.compile_for_inference(retrieval.video_encoder())`."""
+        return VideoEncoder(self)
+
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         feats = projected_features(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
         return nn.functional.normalize(feats, dim=-1)
@@ -170,6 +177,18 @@ class CLIPVideoRetrieval(nn.Module):
             return retrieval_metrics(text @ video.T)
         finally:
             self.train(was_training)
+
+
+class VideoEncoder(nn.Module):
+    """The video tower of a `CLIPVideoRetrieval`: forward(pixel_values (B, T, C, H, W), video_mask=None) -> (B, D)
+    normalised video embeddings."""
+
+    def __init__(self, retrieval: CLIPVideoRetrieval) -> None:
+        super().__init__()
+        self.retrieval = retrieval
+
+    def forward(self, pixel_values: torch.Tensor, video_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.retrieval.video_features(pixel_values, video_mask)
 
 
 def encode_video_dataset(dataset, processor, frames_column: str = "frames", caption_column: str = "caption",
