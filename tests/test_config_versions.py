@@ -29,6 +29,12 @@ SLIMMED = [folder for folder in CURRENT if (folder / "slimming_plan.json").exist
 adapters = pytest.mark.parametrize("fixture", ADAPTERS, ids=[folder.name for folder in ADAPTERS])
 
 
+def test_the_installed_version_has_its_fixtures():
+    """The same-version tests below run on the fixtures this version wrote: after a version bump they exist only once
+    tests/fixtures/make_fixtures.py has run (otherwise those tests would collect nothing and pass silently)."""
+    assert ADAPTERS and SLIMMED, f"no fixtures for {INSTALLED}: run python tests/fixtures/make_fixtures.py"
+
+
 def copy_with(fixture, tmp_path, file_name, edit):
     folder = tmp_path / fixture.name
     shutil.copytree(fixture, folder)
