@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from packaging.version import Version
 from peft import get_peft_model
 
 from peft_effadapt import CLIPZeroShotClassifier, ToMeConfig, compile_for_inference
@@ -56,7 +57,7 @@ def test_a_new_batch_size_past_the_recompile_limit_fails_loudly():
     with torch._dynamo.config.patch(recompile_limit=2), torch.no_grad():
         compiled(pixel_values=tiny_pixel_values(batch=1))
         compiled(pixel_values=tiny_pixel_values(batch=2))
-        with pytest.raises(Exception, match="fullgraph"):
+        with pytest.raises(Exception, match="fullgraph|one_graph"):  # torch 2.13 / 2.8 wording
             compiled(pixel_values=tiny_pixel_values(batch=3))
         compiled(pixel_values=tiny_pixel_values(batch=1))
 
@@ -109,9 +110,14 @@ def test_flex_is_refused_without_flex_attention(monkeypatch):
         pass
 
 
+# measured: the writes are lost on torch 2.13.0 and 2.14.1, kept on 2.8.0 and 2.10.0 (2.11 and 2.12 not run)
+FLEX_LOSES_WRITES = Version(torch.__version__).release >= (2, 13)
+
+
 def test_a_compiled_flex_call_loses_later_attribute_writes():
-    """Why "auto" never picks FlexAttention (torch 2.13): dynamo drops the Python attribute writes that follow a
-    flex_attention call in a compiled graph. If torch fixes it, this test fails: reconsider FlexAttention on CUDA."""
+    """Why "auto" never picks FlexAttention (torch >= 2.13): dynamo drops the Python attribute writes that follow a
+    flex_attention call in a compiled graph. If a torch release fixes it, this test fails there: reconsider
+    FlexAttention on CUDA."""
     flex_attention = pytest.importorskip("torch.nn.attention.flex_attention").flex_attention
 
     class State:
@@ -126,7 +132,7 @@ def test_a_compiled_flex_call_loses_later_attribute_writes():
         return out
 
     torch.compile(run, backend="eager", fullgraph=True)(torch.randn(1, 2, 8, 16))
-    assert state.flag == 1
+    assert state.flag == (1 if FLEX_LOSES_WRITES else 2)
 
 
 def _tome(attn_implementation: str):
