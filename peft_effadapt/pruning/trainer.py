@@ -162,7 +162,7 @@ def model_output(model: nn.Module, inputs) -> torch.Tensor:
 
 def output_change(before: torch.Tensor, after: torch.Tensor) -> tuple[float, float]:
     """Largest |after - before| and largest |before| (the slimming check allows `tol * max(1, the latter)`)."""
-    before, after = before.float(), after.float()
+    before, after = before.detach().float(), after.detach().float()
     return float((after - before).abs().max()), float(before.abs().max())
 
 
