@@ -1,0 +1,88 @@
+"""Why a claim is not supported on the testbed: power against the paper's effect, the own-recipe rerun, the ablations.
+
+Every clause quotes a measured figure: `power` compares the paper's reported effect with the observed spread of the
+paired differences (paired t, two-sided 0.05, power 0.8); `recipe` quotes the verdict when both arms train on their
+own papers' recipes; the LFTL clause quotes the component ablation (lftl_ablation.py).
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from claim_stats import detectable_effect, seeds_needed
+
+MAX_SEEDS = 20  # seeds run where a run costs under a minute
+UNDECIDED = ("inconclusive", "contradicted")
+
+
+def power(stats: dict, paper: float | None, source: str) -> dict:
+    """The paired spread of `stats` (a `claim_stats.paired` result) against the paper's effect `paper`."""
+    out = {"paper_effect": paper, "paper_source": source}
+    if stats["n"] < 2:
+        return out
+    sd = statistics.stdev(stats["differences"])
+    out.update(sd=sd, detectable_at_n=detectable_effect(stats["n"], sd))
+    if paper:
+        out["seeds_needed"] = seeds_needed(paper, sd)
+    return out
+
+
+def _ci(stats: dict) -> str:
+    lo, hi = stats["ci95"]
+    return f"{stats['mean_difference']:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+
+
+def power_clause(stats: dict, p: dict) -> str:
+    n, sd = stats["n"], p.get("sd")
+    if sd is None:
+        return ""
+    if p["paper_effect"] is None:
+        return (f"power: no paper effect recovered; {n} seeds at sd {sd:.2f} would detect a true difference of "
+                f"{p['detectable_at_n']:.2f} points")
+    need, paper, top = p["seeds_needed"], p["paper_effect"], stats["ci95"][1]
+    head = f"power: the paper's {paper:+.2f} needs {need} paired seeds at sd {sd:.2f}, {n} run"
+    if need > n:
+        return head + f" (underpowered{'; capped at ' + str(MAX_SEEDS) if n >= MAX_SEEDS else ''})"
+    if top < 0:
+        return head + f": the interval lies below 0 (top {top:+.2f}), the opposite of the paper's sign"
+    if top < paper:
+        return head + f": the interval's top {top:+.2f} excludes it, the testbed effect is smaller"
+    return head + ": the paper's effect is still inside the interval"
+
+
+def recipe_clause(own: dict | None) -> str:
+    if not own or own["n"] < 2:
+        return "own recipe: pending"
+    return f"own recipe: {_ci(own)} {own['verdict']} ({own['n']} seeds)"
+
+
+def lftl_clause(ablation: dict | None) -> str:
+    """Round-1 facts of the component ablation: contrastive vs margin, with class balance off, classes covered."""
+    rows = {r["arm"]: r for r in (ablation or {}).get("fixed_pool", [])}
+    pools = {r["arm"]: r for r in (ablation or {}).get("pool_per_seed", [])}
+    parts = []
+    for label, arm, table in (("round 1 vs margin", "contrastive", rows),
+                              ("with class balance off", "contrastive, no class balance", rows),
+                              ("pools drawn per seed", "contrastive", pools)):
+        stats = table.get(arm, {}).get("round1_vs_margin")
+        if stats and stats["ci95"]:
+            parts.append(f"{label} {_ci(stats)}")
+    full, margin = rows.get("contrastive", {}), rows.get("margin", {})
+    if full.get("classes_after_round1") is not None and margin.get("classes_after_round1") is not None:
+        parts.append(f"true classes among the 10 round-1 queries {full['classes_after_round1']:.0f} vs margin's "
+                     f"{margin['classes_after_round1']:.0f}")
+    return ("ablation (lftl_ablation.md), round-1 accuracy: " + ", ".join(parts)) if parts else ""
+
+
+def why(row: dict, ablation: dict | None = None) -> str | None:
+    """One line for a row whose same- or own-recipe verdict is inconclusive or contradicted (None otherwise)."""
+    own = row.get("own_recipe")
+    if row["verdict"] not in UNDECIDED and not (own and own["verdict"] in UNDECIDED):
+        return None
+    clauses = []
+    if row["experiment"] == "lftl":
+        clauses.append(lftl_clause(ablation))
+    if "own_recipe" in row:
+        clauses.append(recipe_clause(own))
+    clauses.append(power_clause(row, row["power"]))
+    return "; ".join(c for c in clauses if c)
