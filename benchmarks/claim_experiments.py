@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import torch
-from lftl_ablation import ABLATION_ARMS, POOL_ARMS, domain_data
+from lftl_ablation import ABLATION_ARMS, BUDGET_ARMS, POOL_ARMS, VISDA_RATIO, domain_data
+from maple_recipe import MAPLE_VARIANTS, run_maple_variant
 from peft import get_peft_model
 
 FULL, SMALL = "full", "small"
@@ -157,15 +158,15 @@ def own_recipe_settings(base: dict, epochs_cap: int | None = None) -> dict:
             "epochs_cap": epochs_cap}
 
 
-def run_prompt_own(arm: str, seed: int, s: dict) -> dict:
-    """`arm` on its own paper's recipe, scaled to the testbed (`prompt_recipes.scaled`); the scaled recipe is kept."""
+def run_prompt_own(arm: str, seed: int, s: dict, epochs: int | None = None) -> dict:
+    """`arm` on its own paper's recipe (for `epochs` instead of the paper's, if given), scaled to the testbed
+    (`prompt_recipes.scaled`); the scaled recipe is kept with the metrics."""
     from prompt_recipes import Recipe, scaled
 
-    paper = Recipe(**s["papers"][s["recipes"][arm]])
-    if s["epochs_cap"]:  # cut-down CI runs only
-        paper = Recipe(**{**s["papers"][s["recipes"][arm]], "epochs": min(paper.epochs, s["epochs_cap"])})
+    paper = s["papers"][s["recipes"][arm]]
+    epochs = min(epochs or paper["epochs"], s["epochs_cap"] or paper["epochs"])  # the cap: cut-down CI runs only
     n_train = len(_prompt_data(s["sets"][0], s["test_per_class"], s["shots"], seed)[0])
-    recipe = scaled(paper, n_train, text_layers(), s["lr_scale"])
+    recipe = scaled(Recipe(**{**paper, "epochs": epochs}), n_train, text_layers(), s["lr_scale"])
     return {**run_prompt(arm, seed, s, recipe), "recipe": {"paper": s["recipes"][arm], **recipe}}
 
 
@@ -397,6 +398,11 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
     Experiment("pyra_clip", PYRA_ARMS, run_pyra("clip"), {FULL: _IMAGE_FULL, SMALL: _IMAGE_SMALL},
                "bundled tiny CLIP vision tower + linear head adapted to `clutter` (pyra.py recipe)",
                _prepare_image("clip")),
+    Experiment("maple_recipe", tuple(MAPLE_VARIANTS), run_maple_variant, {
+        FULL: {**_PROMPTS_FULL, **own_recipe_settings(_PROMPTS_FULL)},
+        SMALL: {**_PROMPTS_SMALL, **own_recipe_settings(_PROMPTS_SMALL, epochs_cap=1)}},
+        "MaPLe on `prompts`' data, its own recipe trained longer and the shared recipe shortened or at a lower lr",
+        _prepare_prompts),
     Experiment("consolidator", CONSOLIDATOR_ARMS, run_consolidator, {
         FULL: dict(_IMAGE_FULL, lr=1e-3), SMALL: _IMAGE_SMALL},
         "bundled tiny ViT adapted to `clutter`; LoRA on the same block Linears at the closest trainable count",
@@ -415,6 +421,10 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
         FULL: dict(_LFTL_FULL, pool_seed="run"), SMALL: dict(_LFTL_SMALL, pool_seed="run")},
         "as `lftl`, the target pool drawn with the run's seed (so the round-1 query differs between seeds)",
         _prepare_lftl),
+    Experiment("lftl_budget", BUDGET_ARMS, run_lftl, {
+        FULL: dict(_LFTL_FULL, pool_seed="run", ratio=VISDA_RATIO, rounds=3),
+        SMALL: dict(_LFTL_SMALL, pool_seed="run")},
+        "as `lftl_pools`, buying VisDA-C's labels per class and round (37 a round, 3 rounds)", _prepare_lftl),
     Experiment("pruning", PRUNING_ARMS, run_pruning, {
         FULL: dict(train_per_class=128, test_per_class=256, flops_target=0.5, steps=600),
         SMALL: dict(train_per_class=2, test_per_class=2, flops_target=0.5, steps=2)},

@@ -74,7 +74,18 @@ def lftl_clause(ablation: dict | None) -> str:
     return ("ablation (lftl_ablation.md), round-1 accuracy: " + ", ".join(parts)) if parts else ""
 
 
-def why(row: dict, ablation: dict | None = None) -> str | None:
+def maple_clause(rows: list[dict] | None) -> str:
+    """MaPLe's HM against CoCoOp's (same recipe) for each MaPLe recipe variant that has runs."""
+    parts = []
+    for r in (rows or [])[2:]:  # the first two rows are the table's own columns
+        stats = r["hm_vs_cocoop_shared"] if "shared recipe" in r["arm"] else r["hm_vs_cocoop_own"]
+        if stats["ci95"]:
+            parts.append(f"{r['arm'].removeprefix('MaPLe, ')} {_ci(stats)}")
+    return ("recipe diagnostic (maple_recipe.md), MaPLe - CoCoOp HM on the same recipe: " + ", ".join(parts)
+            if parts else "")
+
+
+def why(row: dict, ablation: dict | None = None, maple: list[dict] | None = None) -> str | None:
     """One line for a row whose same- or own-recipe verdict is inconclusive or contradicted (None otherwise)."""
     own = row.get("own_recipe")
     if row["verdict"] not in UNDECIDED and not (own and own["verdict"] in UNDECIDED):
@@ -82,6 +93,8 @@ def why(row: dict, ablation: dict | None = None) -> str | None:
     clauses = []
     if row["experiment"] == "lftl":
         clauses.append(lftl_clause(ablation))
+    if (row["arm"], row["baseline"]) == ("MaPLe", "CoCoOp"):
+        clauses.append(maple_clause(maple))
     if "own_recipe" in row:
         clauses.append(recipe_clause(own))
     clauses.append(power_clause(row, row["power"]))

@@ -11,7 +11,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from claim_explain import power, why  # noqa: E402
 from claim_stats import detectable_effect, paired, paired_power, seeds_needed, t975  # noqa: E402
 from claims import CLAIMS, EXPERIMENTS, load_run, main, run_path, table  # noqa: E402
-from lftl_ablation import ABLATION_ARMS, POOL_ARMS, components  # noqa: E402
+from lftl_ablation import ABLATION_ARMS, POOL_ARMS, ablation_rows, components  # noqa: E402
+from maple_recipe import MAPLE_VARIANTS, maple_markdown, maple_rows  # noqa: E402
 from prompt_recipes import ARM_RECIPE, LR_SCALE, RECIPES, epoch_lr, scaled  # noqa: E402
 
 
@@ -86,7 +87,7 @@ def test_lftl_ablation_arms_switch_one_component_each():
 
 def test_why_quotes_power_and_the_own_recipe_for_undecided_rows_only():
     diffs = {s: float(-3 + (s % 2)) for s in range(6)}  # mean -2.5, sd 0.55: contradicted
-    row = {**paired(diffs, {s: 0.0 for s in range(6)}), "experiment": "prompts", "baseline": "CoCoOp"}
+    row = {**paired(diffs, {s: 0.0 for s in range(6)}), "experiment": "prompts", "arm": "a", "baseline": "b"}
     row["power"] = power(row, 2.72, "paper")
     row["own_recipe"] = paired({s: 1.0 + s for s in range(6)}, {s: 0.0 for s in range(6)})
     line = why(row)
@@ -95,7 +96,8 @@ def test_why_quotes_power_and_the_own_recipe_for_undecided_rows_only():
     assert "needs 3 paired seeds at sd 0.55, 6 run" in line and "opposite of the paper's sign" in line
     row.update(verdict="supported", own_recipe={**row["own_recipe"], "verdict": "supported"})
     assert why(row) is None
-    few = {**paired({s: 0.5 * (-1) ** s for s in range(5)}, {s: 0.0 for s in range(5)}), "experiment": "x"}
+    few = {**paired({s: 0.5 * (-1) ** s for s in range(5)}, {s: 0.0 for s in range(5)}), "experiment": "x",
+           "arm": "a", "baseline": "b"}
     few["power"] = power(few, 0.2, "paper")
     assert few["verdict"] == "inconclusive" and "(underpowered)" in why(few)
 
@@ -154,3 +156,39 @@ def test_plots_write_pngs_with_error_bars(tmp_path):
     (path,) = claims_plots(result, tmp_path)
     assert path.name == "claims_pyra.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert path.stat().st_size > 5_000  # an axes with two series, not an empty canvas
+
+
+def test_ablation_rows_pair_each_arm_with_margin_and_contrastive_by_seed():
+    def runs(round1, classes):
+        return {s: {"accuracy_round1": round1 + s, "aubc": 70.0 + s, "classes_labelled_round1": classes}
+                for s in range(5)}
+
+    data = {"contrastive": runs(58.0, 4), "margin": runs(67.0, 7), "contrastive, no class balance": runs(67.0, 7)}
+    rows = {r["arm"]: r for r in ablation_rows(data, ("contrastive", "margin", "contrastive, no class balance"),
+                                               512, 5)}
+    assert rows["contrastive"]["round1_vs_margin"]["mean_difference"] == pytest.approx(-9.0)
+    assert rows["contrastive"]["round1_vs_margin"]["verdict"] == "contradicted"  # sd 0: the interval is a point
+    assert rows["contrastive, no class balance"]["round1_vs_contrastive"]["mean_difference"] == pytest.approx(9.0)
+    assert "round1_vs_margin" not in rows["margin"] and rows["margin"]["classes_after_round1"] == 7
+    assert (rows["contrastive"]["round1"], rows["contrastive"]["kappa"]) == (60.0, 100)
+
+
+def test_maple_rows_compare_each_recipe_with_cocoop_on_the_same_recipe():
+    def runs(hm):
+        return {s: {"base": hm, "novel": hm, "hm": hm + 0.1 * s} for s in range(5)}
+
+    data = {"prompts": {"MaPLe": runs(64.0), "CoCoOp": runs(66.0)}, "prompts_own": {"MaPLe": runs(67.0),
+                                                                                      "CoCoOp": runs(66.5)},
+            "maple_recipe": {"MaPLe, own recipe, 150 epochs": runs(63.0)}}
+    rows = maple_rows(data, 5)
+    assert [r["seeds"] for r in rows] == [5, 5] + [5 if a.endswith("150 epochs") else 0 for a in MAPLE_VARIANTS]
+    assert rows[0]["hm_vs_cocoop_shared"]["mean_difference"] == pytest.approx(-2.0)
+    assert rows[1]["hm_vs_cocoop_own"]["mean_difference"] == pytest.approx(0.5)
+    long = next(r for r in rows if r["arm"].endswith("150 epochs"))
+    assert long["hm_vs_cocoop_own"]["mean_difference"] == pytest.approx(-3.5)
+    table = maple_markdown(rows)
+    assert "| MaPLe, own recipe, 150 epochs | 5 | 63.0 | 63.0 | 63.2 |" in table and "| – | – | – |" in table
+    row = {"arm": "MaPLe", "baseline": "CoCoOp", "experiment": "prompts", "verdict": "contradicted",
+           **paired({s: m["hm"] for s, m in runs(64.0).items()}, {s: m["hm"] for s, m in runs(66.0).items()}),
+           "power": {"paper_effect": 2.72}}
+    assert "own recipe, 150 epochs -3.50" in why(row, maple=rows)
