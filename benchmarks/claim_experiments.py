@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import torch
-from lftl_ablation import ABLATION_ARMS, BUDGET_ARMS, POOL_ARMS, VISDA_RATIO, domain_data
+from lftl_ablation import ABLATION_ARMS, BUDGET_ARMS, POOL_ARMS, QUERY_ARMS, VISDA_RATIO, domain_data, run_round1_query
 from maple_recipe import MAPLE_VARIANTS, run_maple_variant
 from peft import get_peft_model
 
@@ -420,6 +420,10 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
     Experiment("lftl_pools", POOL_ARMS, run_lftl, {
         FULL: dict(_LFTL_FULL, pool_seed="run"), SMALL: dict(_LFTL_SMALL, pool_seed="run")},
         "as `lftl`, the target pool drawn with the run's seed (so the round-1 query differs between seeds)",
+        _prepare_lftl),
+    Experiment("lftl_queries", QUERY_ARMS, run_round1_query, {
+        FULL: dict(_LFTL_FULL, pool_seed="run"), SMALL: dict(_LFTL_SMALL, pool_seed="run")},
+        "the round-1 query alone (source model, no training) on a pool drawn per seed: classes it covers",
         _prepare_lftl),
     Experiment("lftl_budget", BUDGET_ARMS, run_lftl, {
         FULL: dict(_LFTL_FULL, pool_seed="run", ratio=VISDA_RATIO, rounds=3),

@@ -39,7 +39,7 @@ RUNS = RESULTS / "claims_runs"
 
 # cheapest first: what finishes early fills the table early
 ORDER = ("prompts", "prompts_own", "consolidator", "pyra_vit", "pyra_clip", "tempme", "pruning", "lftl",
-         "maple_recipe", "lftl_ablation", "lftl_pools", "lftl_budget")
+         "maple_recipe", "lftl_ablation", "lftl_pools", "lftl_budget", "lftl_queries")
 
 
 def run_path(runs: Path, experiment: str, arm: str, seed: int) -> Path:

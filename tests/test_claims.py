@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from claim_explain import power, why  # noqa: E402
 from claim_stats import detectable_effect, paired, paired_power, seeds_needed, t975  # noqa: E402
 from claims import CLAIMS, EXPERIMENTS, load_run, main, run_path, table  # noqa: E402
-from lftl_ablation import ABLATION_ARMS, POOL_ARMS, ablation_rows, components  # noqa: E402
+from lftl_ablation import ABLATION_ARMS, POOL_ARMS, QUERY_ARMS, ablation_rows, components, query_rows  # noqa: E402
 from maple_recipe import MAPLE_VARIANTS, maple_markdown, maple_rows  # noqa: E402
 from prompt_recipes import ARM_RECIPE, LR_SCALE, RECIPES, epoch_lr, scaled  # noqa: E402
 
@@ -171,6 +171,17 @@ def test_ablation_rows_pair_each_arm_with_margin_and_contrastive_by_seed():
     assert rows["contrastive, no class balance"]["round1_vs_contrastive"]["mean_difference"] == pytest.approx(9.0)
     assert "round1_vs_margin" not in rows["margin"] and rows["margin"]["classes_after_round1"] == 7
     assert (rows["contrastive"]["round1"], rows["contrastive"]["kappa"]) == (60.0, 100)
+
+
+def test_query_rows_pair_classes_covered_with_margin_per_pool():
+    data = {"margin": {s: {"classes_in_query": 7, "source_correct_in_query": 2, "queried": 10} for s in range(5)},
+            "contrastive": {s: {"classes_in_query": 4 + s % 2, "source_correct_in_query": 4, "queried": 10}
+                            for s in range(5)}}
+    rows = {r["arm"]: r for r in query_rows(data, 512, 5)}
+    assert set(rows) == set(QUERY_ARMS) and rows["contrastive, kappa 0.9% of pool"]["pools"] == 0
+    assert rows["contrastive"]["classes_in_query"] == pytest.approx(4.4)
+    assert rows["contrastive"]["classes_vs_margin"]["mean_difference"] == pytest.approx(-2.6)
+    assert rows["contrastive"]["classes_vs_margin"]["verdict"] == "contradicted"
 
 
 def test_maple_rows_compare_each_recipe_with_cocoop_on_the_same_recipe():
