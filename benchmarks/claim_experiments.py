@@ -164,7 +164,9 @@ def run_prompt_own(arm: str, seed: int, s: dict, epochs: int | None = None) -> d
     from prompt_recipes import Recipe, scaled
 
     paper = s["papers"][s["recipes"][arm]]
-    epochs = min(epochs or paper["epochs"], s["epochs_cap"] or paper["epochs"])  # the cap: cut-down CI runs only
+    epochs = epochs or paper["epochs"]
+    if s["epochs_cap"]:  # cut-down CI runs only
+        epochs = min(epochs, s["epochs_cap"])
     n_train = len(_prompt_data(s["sets"][0], s["test_per_class"], s["shots"], seed)[0])
     recipe = scaled(Recipe(**{**paper, "epochs": epochs}), n_train, text_layers(), s["lr_scale"])
     return {**run_prompt(arm, seed, s, recipe), "recipe": {"paper": s["recipes"][arm], **recipe}}

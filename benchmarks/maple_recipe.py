@@ -26,7 +26,10 @@ def run_maple_variant(arm: str, seed: int, s: dict) -> dict:
 
     recipe, change = MAPLE_VARIANTS[arm]
     if recipe == "own":
-        return run_prompt_own("MaPLe", seed, s, epochs=change["epochs"])
+        out = run_prompt_own("MaPLe", seed, s, epochs=change["epochs"])
+        if out["recipe"]["epochs"] != min(change["epochs"], s["epochs_cap"] or change["epochs"]):
+            raise RuntimeError(f"{arm}: trained {out['recipe']['epochs']} epochs, not {change['epochs']}")
+        return out
     return run_prompt("MaPLe", seed, {**s, **change})
 
 
