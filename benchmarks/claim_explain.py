@@ -56,22 +56,35 @@ def recipe_clause(own: dict | None) -> str:
     return f"own recipe: {_ci(own)} {own['verdict']} ({own['n']} seeds)"
 
 
-def lftl_clause(ablation: dict | None) -> str:
-    """Round-1 facts of the component ablation: contrastive vs margin, with class balance off, classes covered."""
-    rows = {r["arm"]: r for r in (ablation or {}).get("fixed_pool", [])}
+def _against(rows: dict, arm: str, baseline: str, key: str) -> dict | None:
+    """`arm` - `baseline` on `key` ("round1" or "aubc") from ablation rows, which pair every arm with contrastive
+    and margin (the difference is negated when only baseline - arm is stored)."""
+    if f"{key}_vs_{baseline}" in rows.get(arm, {}):
+        return rows[arm][f"{key}_vs_{baseline}"]
+    stats = rows.get(baseline, {}).get(f"{key}_vs_{arm}")
+    if not stats or stats["mean_difference"] is None:
+        return None
+    ci = stats["ci95"] and [-stats["ci95"][1], -stats["ci95"][0]]
+    return {**stats, "mean_difference": -stats["mean_difference"], "ci95": ci}
+
+
+def lftl_clause(ablation: dict | None, baseline: str) -> str:
+    """The component ablation on the claim's fixed pool (round 1) and the claim redone on pools drawn per seed."""
+    fixed = {r["arm"]: r for r in (ablation or {}).get("fixed_pool", [])}
     pools = {r["arm"]: r for r in (ablation or {}).get("pool_per_seed", [])}
     parts = []
-    for label, arm, table in (("round 1 vs margin", "contrastive", rows),
-                              ("with class balance off", "contrastive, no class balance", rows),
-                              ("pools drawn per seed", "contrastive", pools)):
-        stats = table.get(arm, {}).get("round1_vs_margin")
+    for label, arm in (("contrastive", "contrastive"), ("class balance off", "contrastive, no class balance"),
+                       ("contrast off", "contrastive, no contrast"), ("VPA off", "contrastive, no VPA")):
+        stats = _against(fixed, arm, "margin", "round1")
         if stats and stats["ci95"]:
             parts.append(f"{label} {_ci(stats)}")
-    full, margin = rows.get("contrastive", {}), rows.get("margin", {})
-    if full.get("classes_after_round1") is not None and margin.get("classes_after_round1") is not None:
-        parts.append(f"true classes among the 10 round-1 queries {full['classes_after_round1']:.0f} vs margin's "
-                     f"{margin['classes_after_round1']:.0f}")
-    return ("ablation (lftl_ablation.md), round-1 accuracy: " + ", ".join(parts)) if parts else ""
+    out = ("fixed pool, round 1 vs margin: " + ", ".join(parts) + " (lftl_ablation.md; the round-1 query is the "
+           "same images for every seed)") if parts else ""
+    for key, label in (("round1", "round 1"), ("aubc", "mean over rounds")):
+        stats = _against(pools, "contrastive", baseline, key)
+        if stats and stats["ci95"]:
+            out += f"; pools drawn per seed, {label}: {_ci(stats)} {stats['verdict']} ({stats['n']} pools)"
+    return out.lstrip("; ")
 
 
 def maple_clause(rows: list[dict] | None) -> str:
@@ -92,7 +105,7 @@ def why(row: dict, ablation: dict | None = None, maple: list[dict] | None = None
         return None
     clauses = []
     if row["experiment"] == "lftl":
-        clauses.append(lftl_clause(ablation))
+        clauses.append(lftl_clause(ablation, row["baseline"]))
     if (row["arm"], row["baseline"]) == ("MaPLe", "CoCoOp"):
         clauses.append(maple_clause(maple))
     if "own_recipe" in row:

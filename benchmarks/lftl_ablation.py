@@ -38,7 +38,7 @@ ABLATION_ARMS = ("contrastive", "margin", "contrastive, no class balance", "cont
                  "contrastive, kappa 0.9% of pool", "contrastive, kappa 3.5% of pool", "contrastive, no VPA",
                  "margin, no VPA")
 POOL_ARMS = ("contrastive", "margin", "contrastive, no class balance", "contrastive, kappa 0.9% of pool",
-             "contrastive, kappa 3.5% of pool", "random")
+             "contrastive, kappa 3.5% of pool", "random", "entropy")
 BUDGET_ARMS = ("contrastive", "margin", "contrastive, no class balance")
 # VisDA-C's README budget per class and round: 55 queries (0.1 % of 55,388) over 12 classes = 4.6; on the 8-class,
 # 512-image testbed pool that is 37 queries = 7.2 % of the pool per round (the claim's 2 % is 10 queries, 1.25 a class)
