@@ -58,14 +58,15 @@ def recipe_clause(own: dict | None) -> str:
 
 def _against(rows: dict, arm: str, baseline: str, key: str) -> dict | None:
     """`arm` - `baseline` on `key` ("round1" or "aubc") from ablation rows, which pair every arm with contrastive
-    and margin (the difference is negated when only baseline - arm is stored)."""
+    and margin (difference and verdict turned round when only baseline - arm is stored)."""
     if f"{key}_vs_{baseline}" in rows.get(arm, {}):
         return rows[arm][f"{key}_vs_{baseline}"]
     stats = rows.get(baseline, {}).get(f"{key}_vs_{arm}")
     if not stats or stats["mean_difference"] is None:
         return None
     ci = stats["ci95"] and [-stats["ci95"][1], -stats["ci95"][0]]
-    return {**stats, "mean_difference": -stats["mean_difference"], "ci95": ci}
+    flipped = {"supported": "contradicted", "contradicted": "supported"}.get(stats["verdict"], stats["verdict"])
+    return {**stats, "mean_difference": -stats["mean_difference"], "ci95": ci, "verdict": flipped}
 
 
 def lftl_clause(ablation: dict | None, baseline: str) -> str:

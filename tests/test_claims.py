@@ -203,3 +203,18 @@ def test_maple_rows_compare_each_recipe_with_cocoop_on_the_same_recipe():
            **paired({s: m["hm"] for s, m in runs(64.0).items()}, {s: m["hm"] for s, m in runs(66.0).items()}),
            "power": {"paper_effect": 2.72}}
     assert "own recipe, 150 epochs -3.50" in why(row, maple=rows)
+
+
+def test_lftl_why_line_quotes_the_ablation_and_negates_stored_differences():
+    def runs(value):
+        return {s: {"accuracy_round1": value + 0.1 * s * (s % 2), "aubc": value} for s in range(5)}
+
+    fixed = ablation_rows({"contrastive": runs(58.0), "margin": runs(67.0),
+                           "contrastive, no class balance": runs(67.0)}, ABLATION_ARMS, 512, 5)
+    pools = ablation_rows({"contrastive": runs(64.0), "random": runs(62.0)}, POOL_ARMS, 512, 5)
+    row = {**paired({s: 1.0 + s % 2 for s in range(5)}, {s: 0.0 for s in range(5)}), "experiment": "lftl",
+           "arm": "contrastive", "baseline": "random", "verdict": "inconclusive", "power": {"paper_effect": None}}
+    line = why(row, {"fixed_pool": fixed, "pool_per_seed": pools})
+    assert "contrastive -9.00 [" in line and "class balance off +0.00 [+0.00, +0.00]" in line
+    # only random - contrastive is stored for the pools: the line states contrastive - random
+    assert "pools drawn per seed, mean over rounds: +2.00 [+2.00, +2.00] supported (5 pools)" in line
