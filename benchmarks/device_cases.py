@@ -1,5 +1,6 @@
-"""Models, inputs and PEFT configs of the device check, at real size (ViT-B/16, CLIP ViT-B/16 and B/32, ResNet-50;
-random weights from configs) or tiny (`small=True`, the same code paths in seconds on a CPU)."""
+"""Models, inputs, losses and PEFT configs of the device check, at real size (ViT-B/16, CLIP ViT-B/16 and B/32,
+ResNet-50; random weights from configs) or tiny (`small=True`: peft_effadapt.testing's factories, the same code paths
+in seconds on a CPU)."""
 
 from __future__ import annotations
 
@@ -7,45 +8,62 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers import (
-    CLIPConfig,
-    CLIPModel,
-    CLIPVisionModel,
-    ResNetConfig,
-    ResNetForImageClassification,
-    ViTConfig,
-    ViTForImageClassification,
-)
+import torch.nn.functional as F
+import transformers
 
 import peft_effadapt
-from peft_effadapt.testing import tiny_clip_config, tiny_resnet, tiny_vit_config
+from peft_effadapt.testing import tiny_clip, tiny_clip_config, tiny_clip_vision, tiny_resnet, tiny_vit, tiny_vit_config
 
 # CLIP BPE ids (the real tokenizer's): BOS, EOS, "X" as the prompt placeholder, "a photo of a" as context init.
 BOS, EOS, PLACEHOLDER, DOT, CTX_INIT = 49406, 49407, 343, 269, [320, 1125, 539, 320]
 TINY_BOS, TINY_EOS, TINY_PLACEHOLDER, TINY_DOT, TINY_CTX_INIT = 1, 2, 7, 5, [10, 11, 12, 13]
+TINY_VIT = dict(image_size=64, num_labels=10)  # 65 tokens: room for ToMe/PYRA schedules
+TINY_CLIP = dict(vision_config=dict(hidden_size=48))  # 32 -> 48: MaPLe's coupling is exercised
+TINY_RESNET = dict(embedding_size=32, hidden_sizes=(64, 128))  # groups of 16-128 channels: room for aligned widths
 
 
-def vit_config(small: bool) -> ViTConfig:
+def vit_config(small: bool) -> transformers.ViTConfig:
+    return tiny_vit_config(**TINY_VIT) if small else transformers.ViTConfig(num_labels=1000)  # ViT-B/16, 224², 197 tokens
+
+
+def vit(small: bool) -> transformers.ViTForImageClassification:
+    """The ViT of the image cases (seed 0, train mode)."""
     if small:
-        return tiny_vit_config(image_size=64, num_labels=10)  # 65 tokens: room for ToMe/PYRA schedules
-    return ViTConfig(num_labels=1000)  # ViT-B/16, 224², 197 tokens
+        return tiny_vit(seed=0, **TINY_VIT).train()
+    torch.manual_seed(0)
+    return transformers.ViTForImageClassification(vit_config(small))
 
 
-def clip_config(small: bool, patch: int) -> CLIPConfig:
+def clip_config(small: bool, patch: int) -> transformers.CLIPConfig:
     if small:
-        return tiny_clip_config(vision_config=dict(hidden_size=48))  # 32 -> 48: MaPLe's coupling is exercised
-    return CLIPConfig(
+        return tiny_clip_config(**TINY_CLIP)
+    return transformers.CLIPConfig(
         text_config=dict(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=EOS),
         vision_config=dict(patch_size=patch),  # defaults: ViT-B, 224², 12 layers, width 768
         projection_dim=512,
     )
 
 
-def resnet_model(small: bool) -> ResNetForImageClassification:
+def clip(small: bool, patch: int) -> transformers.CLIPModel:
+    """CLIP ViT-B/`patch` (seed 0, train mode); tiny: one model whatever the patch."""
     if small:
-        return tiny_resnet(random_batchnorm=True).train()
+        return tiny_clip(seed=0, **TINY_CLIP).train()
     torch.manual_seed(0)
-    return ResNetForImageClassification(ResNetConfig(num_labels=1000))  # ResNet-50 layout
+    return transformers.CLIPModel(clip_config(small, patch))
+
+
+def vision_tower(small: bool, patch: int = 32) -> transformers.CLIPVisionModel:
+    if small:
+        return tiny_clip_vision(seed=0, **TINY_CLIP)
+    torch.manual_seed(0)
+    return transformers.CLIPVisionModel(clip_config(small, patch).vision_config)
+
+
+def resnet_model(small: bool) -> transformers.ResNetForImageClassification:
+    if small:
+        return tiny_resnet(random_batchnorm=True, **TINY_RESNET).train()
+    torch.manual_seed(0)
+    return transformers.ResNetForImageClassification(transformers.ResNetConfig(num_labels=1000))  # ResNet-50 layout
 
 
 def image_size(config) -> int:
@@ -98,19 +116,10 @@ class Case:
     bf16_tol: str = "bf16"  # key of device_check.TOL for its bf16 comparisons
 
 
-def _seeded(build: Callable[[], torch.nn.Module]) -> Callable[[], torch.nn.Module]:
-    def make():
-        torch.manual_seed(0)
-        return build()
-    return make
-
-
 def cases(small: bool, n_classes: int, text_len: int, frames: int) -> list[Case]:
-    vit_cfg, clip16_cfg, clip32_cfg = vit_config(small), clip_config(small, 16), clip_config(small, 32)
-    vit = _seeded(lambda: ViTForImageClassification(vit_cfg))
-    clip16 = _seeded(lambda: CLIPModel(clip16_cfg))
-    clip32 = _seeded(lambda: CLIPModel(clip32_cfg))
-    vit_size, clip_size = image_size(vit_cfg), image_size(clip16_cfg)
+    vit_size, clip_size = image_size(vit_config(small)), image_size(clip_config(small, 16))
+    vit_model = lambda: vit(small)  # noqa: E731
+    clip16, clip32 = (lambda: clip(small, 16)), (lambda: clip(small, 32))
 
     def vit_inputs(batch, ref=False):
         return {"pixel_values": pixels(batch, vit_size)}
@@ -129,13 +138,13 @@ def cases(small: bool, n_classes: int, text_len: int, frames: int) -> list[Case]
               if small else dict(num_frames=frames))  # official ViT-B/32 setting
     logits, clip_logits = (lambda out: out.logits), (lambda out: out.logits_per_image)
     return [
-        Case("consolidator", vit, lambda: peft_effadapt.ConsolidatorConfig(
+        Case("consolidator", vit_model, lambda: peft_effadapt.ConsolidatorConfig(
             rep_drop=0.0, modules_to_save=head, init_weights=False), vit_inputs, logits),
-        Case("tome", vit, lambda: peft_effadapt.ToMeConfig(merge_schedule=merge_r, clamp_schedule=True,
+        Case("tome", vit_model, lambda: peft_effadapt.ToMeConfig(merge_schedule=merge_r, clamp_schedule=True,
                                                                    modules_to_save=head),
              vit_inputs, logits, settings={"merge_schedule": merge_r}, bf16_tol="bf16_token_merging"),
         # PYRA from its own initialisation (LoRA B = 0): a random LoRA on q/k/v makes bf16 flip which tokens merge
-        Case("pyra", vit, lambda: peft_effadapt.PYRAConfig(merge_schedule="low", lora_dropout=0.0,
+        Case("pyra", vit_model, lambda: peft_effadapt.PYRAConfig(merge_schedule="low", lora_dropout=0.0,
                                                            modules_to_save=head), vit_inputs, logits,
              bf16_tol="bf16_token_merging"),
         Case("coop", clip16, lambda: peft_effadapt.CoOpConfig(**prompt), prompt_inputs, clip_logits),
@@ -153,6 +162,26 @@ def cases(small: bool, n_classes: int, text_len: int, frames: int) -> list[Case]
     ]
 
 
-def vision_tower(small: bool, patch: int = 32) -> CLIPVisionModel:
-    torch.manual_seed(0)
-    return CLIPVisionModel(clip_config(small, patch).vision_config)
+
+# -- inputs and losses ------------------------------------------------------------------------------------------------
+def to(inputs: dict, device, dtype: torch.dtype | None = None) -> dict:
+    """`inputs` on `device`; floating tensors also cast to `dtype` when given."""
+    return {k: v.to(device, dtype if dtype is not None and v.is_floating_point() else None)
+            for k, v in inputs.items()}
+
+
+def autocast(device, enabled: bool = True):
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def labels_for(logits: torch.Tensor) -> torch.Tensor:
+    g = torch.Generator().manual_seed(logits.shape[0] * 1000 + logits.shape[-1])
+    return torch.randint(0, logits.shape[-1], (logits.shape[0],), generator=g).to(logits.device)
+
+
+def ce_loss(logits: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), labels_for(logits))
+
+
+def trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]

@@ -1,5 +1,6 @@
-"""Device check: every PEFT type and both pruning callbacks trained, saved, reloaded and merged on one device and
-compared with the same computation on CPU fp32; then speed ratios, eager and under torch.compile, in one run.
+"""Device check: what a GPU user runs, measured and checked in one command. Every PEFT type and both pruning
+callbacks trained, saved, reloaded and merged on one device and compared with the same computation on CPU fp32; speed
+ratios of the efficient models eager, compiled and as CUDA graphs.
 
 Correctness (per method; models at real size with random weights, see device_cases.py):
   * first training step: loss and adapter gradients on the device (fp32; and under bf16 autocast) vs CPU fp32,
@@ -14,16 +15,32 @@ Correctness (per method; models at real size with random weights, see device_cas
   matches, a discontinuous change that rounding bounds do not cover — the H200 run measured ToMe 0.033-0.036 and
   PYRA 0.056-0.124 against the 5e-2 of the other types). The CPU reference uses `ref_batch` inputs so it stays cheap at real size.
 Pruning: ResRep and C-SGD callbacks driven as the Trainer drives them (bf16 autocast), then conversion/trim, the
-  slimmed model vs its CPU copy and save_slimmed -> load_slimmed.
-Speed (ratios in one run, median of `repeats` after warm-ups; CUDA events on GPUs, wall clock on CPU):
-  token merging (ToMe r=16, PYRA low vs the unmerged ViT-B/16, images/s), TempMe vs meanP (videos/s; training step
-  time and peak CUDA memory, full fine-tuning as in the paper's memory claim), Consolidator merged vs base,
-  RLP/QPrompt/CoOp/LoRA training steps, ResNet-50 slimmed to the ResRep widths (~0.5 FLOPs) vs dense, each eager
-  and under torch.compile. Sections run in order of value; one that would start after `--budget-s` is skipped and
-  says so. The JSON is rewritten after every section.
+  slimmed model vs its CPU copy and save_slimmed -> load_slimmed (as saved; and with the GPU defaults, channels_last
+  on CUDA).
+Speed (device_speed.py; ratios in one run, each efficient model against the unmodified one in the SAME mode, bf16
+  weights and inputs, medians of `repeats` interleaved calls after warm-ups; CUDA events on GPUs, wall clock on CPU):
+  token merging (ToMe r=16, PYRA low merged and unmerged vs ViT-B/16, images/s at batch 64 and 256), the slimmed
+  ResNet-50 (all groups at <= 0.5 FLOPs with widths aligned for the device, `round_to="auto"`, reloaded by
+  `load_slimmed`; and the official ResRep internal widths) vs dense, all channels_last, TempMe vs meanP (CLIP B/32,
+  16 videos of 12 frames, videos/s), Consolidator merged vs ViT-B/16, CoOp / RLP / QPrompt (merged; unmerged eager)
+  vs CLIP B/16 with 100 class prompts; training steps eagerly (TempMe full fine-tuning time and peak memory,
+  CoOp/RLP/QPrompt/LoRA).
+Modes (`--modes`): "eager"; "reduce-overhead" = `peft_effadapt.compile_for_inference(model,
+  mode="reduce-overhead")`: one graph (fullgraph), static shapes, replayed as a CUDA graph (the GPU mode; on a CPU it
+  compiles without graphs); "default" = `compile_for_inference(model)`: inductor kernels launched one by one. Each
+  compiled section records each model's first-call (compile) seconds and graphs (one, plus one per hook on the
+  top-level module, which runs as its own frame: TempMe's video hooks) and `recompiles`, the graphs that the
+  repeated calls compiled (0: a repeated batch never recompiles). `--compile-backend aot_eager` (the CI run) captures the same graphs with `torch.compile(
+  fullgraph=True, dynamic=False)` without code generation.
+Schedule and budget (`--plan` prints it with the estimates): merging first (eager, then reduce-overhead at 64 and
+  256), then pruning, TempMe, the QPrompt device re-run, the rest; then the other compiled modes, the extra compiled
+  models (unmerged PYRA, ResRep widths), the other correctness checks and the training steps. A section that would
+  end after `--budget-s`, or a compile estimated (in units of `--compile-cost-s`, one ViT-B/16 forward compile,
+  ~20 s on the H200 run) to do so, is skipped and says so; the JSON is rewritten after every section.
+  `benchmarks/device_table.py <json>` turns the result into the README's GPU table (markdown, naming the device).
 
-    python benchmarks/device_check.py                      # CUDA if present, real sizes
-    python benchmarks/device_check.py --device cpu --small # the same code paths at tiny sizes (CI)
+    python benchmarks/device_check.py --budget-s 420 --out benchmarks/results/device_<gpu>.json  # CUDA, real sizes
+    python benchmarks/device_check.py --device cpu --small --compile-backend aot_eager  # tiny sizes (CI)
 """
 
 from __future__ import annotations
@@ -36,7 +53,6 @@ import json
 import math
 import platform
 import re
-import statistics
 import sys
 import tempfile
 import time
@@ -44,18 +60,19 @@ import traceback
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import device_cases as dc  # noqa: E402
+import device_speed as ds  # noqa: E402
+from device_cases import autocast, ce_loss, to, trainable  # noqa: E402
 
 TOL = {"fp32_cross_device": 1e-3, "same_device": 1e-5, "merge": 1e-4, "bf16": 5e-2, "bf16_token_merging": 1.5e-1}
 REAL = dict(train_batch=32, ref_batch=2, train_steps=4, n_classes=100, text_len=77, frames=12, video_train_batch=4,
-            speed_batches=[64, 256], compile_batches=[64, 256], video_speed_batch=16, video_memory_batch=8,
-            prompt_speed_batch=32, repeats=10, warmup=3)
+            speed_batches=[64, 256], video_speed_batch=16, video_memory_batch=8, prompt_speed_batch=32, repeats=10,
+            warmup=3)
 SMALL = dict(train_batch=4, ref_batch=2, train_steps=2, n_classes=5, text_len=16, frames=4, video_train_batch=2,
-             speed_batches=[4, 8], compile_batches=[8], video_speed_batch=2, video_memory_batch=2,
-             prompt_speed_batch=4, repeats=3, warmup=1)
+             speed_batches=[4, 8], video_speed_batch=2, video_memory_batch=2, prompt_speed_batch=4, repeats=3,
+             warmup=1)
 
 
 # -- helpers ------------------------------------------------------------------------------------------------------
@@ -83,59 +100,9 @@ def attempt(entry: dict, key: str, fn) -> None:
         entry[key] = {"ok": False, "error": f"{type(err).__name__}: {err}"[:600]}
 
 
-def to(inputs: dict, device) -> dict:
-    return {k: v.to(device) for k, v in inputs.items()}
-
-
-def autocast(device, enabled: bool = True):
-    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=enabled)
-
-
-def labels_for(logits: torch.Tensor) -> torch.Tensor:
-    g = torch.Generator().manual_seed(logits.shape[0] * 1000 + logits.shape[-1])
-    return torch.randint(0, logits.shape[-1], (logits.shape[0],), generator=g).to(logits.device)
-
-
-def ce_loss(logits: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float(), labels_for(logits))
-
-
-def trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
 def grad_vector(model) -> torch.Tensor:
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().cpu().flatten()
                       for _, p in trainable(model)])
-
-
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_fns(fns: dict, device, repeats: int, warmup: int) -> dict[str, float]:
-    """Median seconds per call of each function, timed in interleaved rounds (CUDA events on GPUs)."""
-    cuda = torch.device(device).type == "cuda"
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    sync(device)
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times[name].append(start.elapsed_time(end) / 1000)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def device_name(device: str, small: bool) -> str:
@@ -168,9 +135,12 @@ class Report:
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
-    def run(self, name: str, fn, *args):
-        if self.elapsed() > self.budget_s:
-            self.payload["sections"][name] = {"skipped": f"time budget {self.budget_s:.0f}s spent"}
+    def run(self, name: str, fn, *args, need_s: float = 0.0):
+        """Runs `fn(entry, *args)` unless the section would end past the budget (it needs at least `need_s`)."""
+        left = self.budget_s - self.elapsed()
+        if need_s > left:
+            self.payload["sections"][name] = {"skipped": f"time budget: needs ~{need_s:.0f}s, {max(left, 0):.0f}s "
+                                                         f"of {self.budget_s:.0f}s left"}
             print(f"[device_check] {name}: skipped (budget)", flush=True)
             self.write()
             return
@@ -329,9 +299,12 @@ def _slimmed_checks(entry, model, plan, ref_in, device):
         entry["slimmed_vs_cpu"] = compare(out, cpu(**ref_in).logits, "fp32_cross_device")
     with tempfile.TemporaryDirectory() as tmp:
         peft_effadapt.save_slimmed(model, plan, tmp)
-        loaded = peft_effadapt.load_slimmed(tmp).to(device).eval()
+        loaded = peft_effadapt.load_slimmed(tmp, device=device, channels_last=False)
+        placed = peft_effadapt.load_slimmed(tmp, device=device)  # the GPU defaults: channels_last on CUDA
         with torch.no_grad():
             entry["load_slimmed_vs_slimmed"] = compare(loaded(**to(ref_in, device)).logits, out, "same_device")
+            entry["load_slimmed_defaults_vs_slimmed"] = compare(placed(**to(ref_in, device)).logits, out,
+                                                                "fp32_cross_device")  # another conv kernel
     entry["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
 
 
@@ -381,203 +354,60 @@ def check_csgd(entry, device, sizes, small):
     _slimmed_checks(entry, model, plan, ref_in, device)
 
 
-# -- speed ------------------------------------------------------------------------------------------------------------
-COMPILE = {"backend": "inductor", "deadline": math.inf, "cost_s": 0.0}
+# -- the schedule -----------------------------------------------------------------------------------------------------
+# GPU seconds of the sections that compile nothing, from the H200 run (eager speed sections: 3-9 s per case for both
+# batches, models built included; correctness 3-18 s per type; the TempMe training step with its compiled twin 192 s)
+EAGER_S = {"token_merging": 5, "pruning": 8, "tempme": 4, "consolidator": 4, "prompts": 8}
+CORRECTNESS_S = {"consolidator": 11, "tempme": 18, "qprompt-maple": 10}  # others: DEFAULT_S
+DEFAULT_S, TRAIN_S = 8, 15
 
 
-def compile_allowed(compiled: bool) -> bool:
-    """False once too little of the budget is left for another compilation (`cost_s`: a ViT-B-sized one)."""
-    return not compiled or time.perf_counter() + COMPILE["cost_s"] <= COMPILE["deadline"]
+def schedule(device: str, sizes: dict, small: bool, modes: list[str], cost_s: float) -> list[tuple]:
+    """Every section as (name, least seconds it needs, full estimate, function, *args), in the order they run:
+    the headline ratios in eager and the first compiled mode (merging, pruning, TempMe), the QPrompt device fix,
+    then the rest; the other compiled modes; the extra compiled models; the other correctness checks and training
+    steps. The estimates are for an H100/H200 (`cost_s`: one ViT-B/16 forward compile)."""
+    fast, big = sizes["speed_batches"][0], sizes["speed_batches"][-1]
+    videos = sizes["video_speed_batch"]
+    compiled_modes = [m for m in modes if m != "eager"]
+    first = compiled_modes[:1]
 
+    def speed(case, mode, batch, extra=False):
+        name = f"speed/{case}/{mode}/b{batch}" + ("/extra" if extra else "")
+        if mode == "eager":
+            least = full = EAGER_S[case]
+        else:
+            least, full = (u * cost_s for u in ds.compile_units(case, extra))
+        return name, least, full, ds.speed, case, device, sizes, small, mode, batch, extra
 
-def maybe_compile(model, compiled: bool):
-    return torch.compile(model, backend=COMPILE["backend"]) if compiled else model
-
-
-def images_per_s(entry, device, sizes, models: dict, size: int, batches: list[int], compiled: bool, per=1):
-    key = "compiled" if compiled else "eager"
-    out = entry.setdefault(key, {})
-    fns_models = {name: maybe_compile(m, compiled) for name, m in models.items()}
-    for batch in batches:
-        if not compile_allowed(compiled):
-            out[str(batch)] = {"skipped": "time budget"}
-            continue
-        x = dc.pixels(batch, size).to(device)
-
-        def run(m, x=x):
-            def fn():
-                with torch.no_grad(), autocast(device):
-                    m(pixel_values=x)
-            return fn
-
-        times = time_fns({n: run(m) for n, m in fns_models.items()}, device, sizes["repeats"], sizes["warmup"])
-        first = next(iter(times))
-        out[str(batch)] = {n: {"per_s": batch / per / t, "s": t, "speedup_vs_" + first: times[first] / t}
-                           for n, t in times.items()}
-
-
-def speed_token_merging(entry, device, sizes, small, compiled):
-    from peft import get_peft_model
-
-    import peft_effadapt
-
-    cfg = dc.vit_config(small)
-    torch.manual_seed(0)
-    from transformers import ViTForImageClassification
-
-    base = ViTForImageClassification(cfg).eval()
-    r = 4 if small else 16
-    models = {"unmerged": base.to(device),
-              f"tome_r{r}": get_peft_model(copy.deepcopy(base), peft_effadapt.ToMeConfig(
-                  merge_schedule=r, clamp_schedule=True)).eval(),
-              "pyra_low": get_peft_model(copy.deepcopy(base), peft_effadapt.PYRAConfig(merge_schedule="low"))
-              .merge_and_unload().eval()}
-    entry["settings"] = {"model": "ViT-B/16" if not small else "tiny ViT", "autocast": "bf16", "tome_r": r,
-                         "tome_clamp_schedule": True, "pyra": "low, LoRA merged"}
-    images_per_s(entry, device, sizes, models, cfg.image_size,
-                 sizes["compile_batches"] if compiled else sizes["speed_batches"], compiled)
-
-
-def speed_consolidator(entry, device, sizes, small, compiled):
-    from peft import get_peft_model
-    from transformers import ViTForImageClassification
-
-    import peft_effadapt
-
-    cfg = dc.vit_config(small)
-    torch.manual_seed(0)
-    base = ViTForImageClassification(cfg).eval().to(device)
-    peft_model = get_peft_model(copy.deepcopy(base), peft_effadapt.ConsolidatorConfig(init_weights=False)).eval()
-    models = {"base": base, "consolidator_unmerged": peft_model,
-              "consolidator_merged": copy.deepcopy(peft_model).merge_and_unload().eval()}
-    images_per_s(entry, device, sizes, models, cfg.image_size, sizes["compile_batches"][-1:], compiled)
-
-
-def speed_pruning(entry, device, sizes, small, compiled):
-    from peft_effadapt import pruning
-
-    dense = dc.resnet_model(small).eval().to(device)
-    slim = copy.deepcopy(dense)
-    groups = pruning.find_channel_groups(slim)
-    size = 32 if small else 224
-    one = {"pixel_values": dc.pixels(1, size).to(device)}
-    if small:
-        widths = {g.name: max(1, g.size // 2) for g in groups if g.internal and g.meta.get("role") == "block"}
-    else:
-        from pruning import resrep_widths  # benchmarks/pruning.py: the official ResRep ResNet-50 widths
-
-        widths = resrep_widths()
-    pruning.apply_plan(slim, pruning.plan_from_widths(slim, groups, widths))
-    entry["flops_ratio"] = pruning.count_flops(slim, one) / pruning.count_flops(dense, one)
-    images_per_s(entry, device, sizes, {"dense": dense, "slimmed": slim.eval()}, size, sizes["compile_batches"]
-                 if compiled else sizes["speed_batches"], compiled)
-
-
-def speed_tempme(entry, device, sizes, small, compiled):
-    from peft import get_peft_model
-
-    import peft_effadapt
-
-    frames = sizes["frames"]
-    small_cfg = dict(num_frames=frames, imgme_r=2, clip_merge_layers=[1], clip_group_sizes=[frames])
-    merge = small_cfg if small else dict(num_frames=frames)
-    none = dict(num_frames=frames, imgme_r=0, clip_merge_layers=[], clip_group_sizes=[],
-                clip_position_embedding=False)
-    vision = dc.vision_tower(small).eval().to(device)
-    tempme = get_peft_model(copy.deepcopy(vision), peft_effadapt.TempMeConfig(**merge)).merge_and_unload().eval()
-    size = vision.config.image_size
-    images_per_s(entry, device, sizes, {"meanP": vision, "tempme": tempme}, size,
-                 [sizes["video_speed_batch"] * frames], compiled, per=frames)
-    del vision, tempme
-    # training step (full fine-tuning, both towers, InfoNCE) and its peak CUDA memory
-    key = "compiled" if compiled else "eager"
-    clip_cfg = dc.clip_config(small, 32)
-    from transformers import CLIPModel
-
-    torch.manual_seed(0)
-    clip = CLIPModel(clip_cfg)
-    b = sizes["video_memory_batch"]
-    videos = dc.pixels(b * frames, size).view(b, frames, 3, size, size).to(device)
-    ids = dc.caption_ids(b, sizes["text_len"] if small else 32, small)["input_ids"].to(device)
-    train = {}
-    for name, spec in (("meanP", none), ("tempme", merge)):
-        if not compile_allowed(compiled):
-            train[name] = {"skipped": "time budget"}
-            continue
-        retrieval = peft_effadapt.CLIPVideoRetrieval(get_peft_model(
-            copy.deepcopy(clip), peft_effadapt.TempMeConfig(lora_r=0, full_finetune=True, **spec))).to(device)
-        opt = torch.optim.AdamW([p for p in retrieval.parameters() if p.requires_grad], lr=1e-6)
-        fwd = maybe_compile(retrieval, compiled)
-
-        def step(fwd=fwd, opt=opt):
-            with autocast(device):
-                loss = fwd(videos, ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        step()
-        row = {}
-        if torch.device(device).type == "cuda":
-            sync(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            before = torch.cuda.memory_allocated(device)
-            step()
-            sync(device)
-            row["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-            row["peak_above_start_mb"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
-        row["step_s"] = time_fns({"s": step}, device, max(2, sizes["repeats"] // 2), 1)["s"]
-        train[name] = row
-        del retrieval, opt, fwd
-        if torch.device(device).type == "cuda":
-            torch.cuda.empty_cache()
-    if all("step_s" in train[n] for n in ("meanP", "tempme")):
-        train["speedup"] = train["meanP"]["step_s"] / train["tempme"]["step_s"]
-    if all("peak_mb" in train[n] for n in ("meanP", "tempme")):
-        train["memory_ratio_tempme_over_meanP"] = train["tempme"]["peak_mb"] / train["meanP"]["peak_mb"]
-    entry.setdefault(key, {})["train_full_ft"] = train
-    entry["settings"] = {"frames": frames, "speed_videos": sizes["video_speed_batch"], "train_videos": b,
-                         "tempme": merge, "meanP": none, "autocast": "bf16", "model": "CLIP ViT-B/32" if not small
-                         else "tiny CLIP"}
-
-
-def speed_prompts(entry, device, sizes, small, compiled):
-    from peft import LoraConfig, get_peft_model
-
-    import peft_effadapt
+    def eager(case, *batches):
+        return [speed(case, "eager", b) for b in batches] if "eager" in modes else []
 
     cases = {c.name: c for c in dc.cases(small, sizes["n_classes"], sizes["text_len"], sizes["frames"])}
-    inputs = to(cases["coop"].make_inputs(sizes["prompt_speed_batch"]), device)
-    base = cases["coop"].make_model()
-    configs = {"coop": cases["coop"].make_config(), "rlp": cases["rlp"].make_config(),
-               "qprompt-coop": cases["qprompt-coop"].make_config(), "qprompt-rlp": cases["qprompt-rlp"].make_config(),
-               "lora": LoraConfig(r=8, target_modules=["q_proj", "v_proj"])}
-    steps = {}
-    keep = []
-    for name, config in configs.items():
-        if not compile_allowed(compiled) or (compiled and COMPILE["cost_s"] * (len(steps) + 1) > COMPILE[
-                "deadline"] - time.perf_counter()):  # all compile in the first timing round: budget for all so far
-            entry.setdefault("skipped", []).append(name)
-            continue
-        model = get_peft_model(copy.deepcopy(base), config).to(device).train()
-        opt = torch.optim.AdamW([p for _, p in trainable(model)], lr=1e-4)
-        fwd = maybe_compile(model, compiled)
 
-        def step(fwd=fwd, opt=opt):
-            with autocast(device):
-                loss = ce_loss(fwd(**inputs).logits_per_image)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+    def correctness(name):
+        need = CORRECTNESS_S.get(name, DEFAULT_S)
+        return f"correctness/{name}", need, need, check_method, cases[name], device, sizes
 
-        steps[name] = step
-        keep.append((model, opt))
-    times = time_fns(steps, device, sizes["repeats"], sizes["warmup"])
-    entry["compiled" if compiled else "eager"] = {n: {"step_s": t, "vs_coop": t / times["coop"] if "coop" in times
-                                                     else None} for n, t in times.items()}
-    entry["settings"] = {"images": sizes["prompt_speed_batch"], "classes": sizes["n_classes"],
-                         "text_len": sizes["text_len"], "lora": "r=8 on q_proj, v_proj of both towers",
-                         "autocast": "bf16", "peft_effadapt_version": peft_effadapt.__version__}
+    out = [*eager("token_merging", fast, big), *[speed("token_merging", m, fast) for m in first],
+           *[speed("token_merging", m, big) for m in first],
+           *eager("pruning", big, fast), *[speed("pruning", m, big) for m in first],
+           *eager("tempme", videos), *[speed("tempme", m, videos) for m in first],
+           *[correctness(n) for n in ("qprompt-coop", "qprompt-rlp", "qprompt-maple")],
+           *[speed("pruning", m, fast) for m in first]]
+    for case in ("consolidator", "prompts"):
+        out += [*eager(case, fast, big), *[speed(case, m, b) for m in first for b in (fast, big)]]
+    for mode in compiled_modes[1:]:
+        out += [speed("token_merging", mode, b) for b in (fast, big)] + [speed("pruning", mode, b) for b in (big, fast)]
+        out += [speed("tempme", mode, videos)] + [speed(c, mode, b) for c in ("consolidator", "prompts")
+                                                 for b in (fast, big)]
+    out += [speed(case, m, b, extra=True) for m in first for case in ("token_merging", "pruning") for b in (fast, big)]
+    out += [correctness(n) for n in cases if not n.startswith("qprompt")]
+    out += [("correctness/resrep", DEFAULT_S, DEFAULT_S, check_resrep, device, sizes, small),
+            ("correctness/csgd", DEFAULT_S, DEFAULT_S, check_csgd, device, sizes, small),
+            ("train/tempme", TRAIN_S, TRAIN_S, ds.train_tempme, device, sizes, small),
+            ("train/prompts", TRAIN_S, TRAIN_S, ds.train_prompts, device, sizes, small)]
+    return out
 
 
 # -- main -------------------------------------------------------------------------------------------------------------
@@ -585,57 +415,55 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--small", action="store_true", help="tiny models: the same code paths in minutes on a CPU")
-    parser.add_argument("--budget-s", type=float, default=420.0, help="no section starts after this many seconds")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile speed sections")
+    parser.add_argument("--budget-s", type=float, default=420.0,
+                        help="no section (and no compile) starts that is estimated to end after this many seconds")
+    parser.add_argument("--modes", nargs="+", default=list(ds.MODES), choices=ds.MODES,
+                        help="speed modes; the first compiled one is measured first (default: %(default)s)")
+    parser.add_argument("--no-compile", action="store_true", help="eager speed sections only")
     parser.add_argument("--compile-backend", default="inductor",
-                        help="torch.compile backend of the compiled sections (aot_eager: the same tracing without "
-                             "code generation, for a quick CPU run)")
-    parser.add_argument("--compile-cost-s", type=float, default=45.0,
-                        help="seconds one compilation may take: a compile that would end past the budget is skipped")
+                        help="inductor: compile_for_inference; another backend (aot_eager: the same capture without "
+                             "code generation, for a quick CPU run) compiles with torch.compile(fullgraph=True)")
+    parser.add_argument("--compile-cost-s", type=float, default=20.0,
+                        help="seconds of one ViT-B/16 forward compile (the unit of the compile estimates; ~20 s on "
+                             "the H200 run); 0 with --small")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON",
                         help="override sizes, e.g. --set train_batch=8 'speed_batches=[64]'")
     parser.add_argument("--only", nargs="*", default=None, help="run only sections whose name starts with these")
+    parser.add_argument("--plan", action="store_true", help="print the schedule with its time estimates and exit")
     parser.add_argument("--out", default=None, help="result file (default benchmarks/results/device_<name>.json)")
     args = parser.parse_args(argv)
-    COMPILE["backend"] = args.compile_backend
-    COMPILE["deadline"] = time.perf_counter() + args.budget_s
-    COMPILE["cost_s"] = 0.0 if args.small else args.compile_cost_s
-    for name in ("cache_size_limit", "recompile_limit"):  # every model and batch is compiled once; never fall back
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, 64)
-    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 comparisons are fp32, not TF32
-    torch.backends.cudnn.allow_tf32 = False
+    modes = ["eager"] if args.no_compile else list(dict.fromkeys(args.modes))
+    cost_s = 0.0 if args.small else args.compile_cost_s
     sizes = dict(SMALL if args.small else REAL)
     for item in args.set:
         key, _, value = item.partition("=")
         if key not in sizes:
             parser.error(f"--set {key}: unknown size; sizes are {sorted(sizes)}")
         sizes[key] = json.loads(value)
+    sections = [s for s in schedule(args.device, sizes, args.small, modes, args.compile_cost_s)
+                if not args.only or any(s[0].startswith(p) for p in args.only)]
+    if args.plan:
+        print_plan(sections, args.budget_s)
+        return
+    ds.SETTINGS.update(backend=args.compile_backend, cost_s=cost_s, deadline=time.perf_counter() + args.budget_s)
+    for name in ("cache_size_limit", "recompile_limit"):  # every model and batch is compiled once; never fall back
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 64)
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 comparisons are fp32, not TF32
+    torch.backends.cudnn.allow_tf32 = False
     name = device_name(args.device, args.small)
     path = Path(args.out) if args.out else Path(__file__).parent / "results" / f"device_{name}.json"
     payload = {"command": "python " + " ".join(sys.argv), "device": args.device, "device_name": name,
                "versions": versions(), "small": args.small, "budget_s": args.budget_s, "sizes": sizes,
                "tolerances": TOL, "tolerance_rule": "max|value - reference| <= tol * max|reference|",
-               "tf32": False, "training_autocast": "bf16",
-               "compile": None if args.no_compile else {"backend": args.compile_backend, "mode": "default"}}
+               "tf32": False, "training_autocast": "bf16", "speed_dtype": "bfloat16",
+               "compile": {"backend": args.compile_backend, "modes": modes, "compile_cost_s": cost_s,
+                           "fullgraph": True, "dynamic": False}}
     if torch.device(args.device).type == "cuda":
         payload["cuda_device"] = torch.cuda.get_device_name(args.device)
     report = Report(path, payload, args.budget_s)
-    sections = []
-    for case in dc.cases(args.small, sizes["n_classes"], sizes["text_len"], sizes["frames"]):
-        sections.append((f"correctness/{case.name}", check_method, case, args.device, sizes))
-    sections += [("correctness/resrep", check_resrep, args.device, sizes, args.small),
-                 ("correctness/csgd", check_csgd, args.device, sizes, args.small)]
-    speed = [("token_merging", speed_token_merging), ("tempme", speed_tempme), ("consolidator", speed_consolidator),
-             ("prompts", speed_prompts), ("pruning", speed_pruning)]
-    sections += [(f"speed_eager/{n}", fn, args.device, sizes, args.small, False) for n, fn in speed]
-    if not args.no_compile:  # cheapest compilations and the papers' headline claims first
-        order = ("token_merging", "pruning", "tempme", "consolidator", "prompts")
-        sections += [(f"speed_compiled/{n}", dict(speed)[n], args.device, sizes, args.small, True) for n in order]
-    for section, fn, *rest in sections:
-        if args.only and not any(section.startswith(p) for p in args.only):
-            continue
-        report.run(section, fn, *rest)
+    for section, least, _, fn, *rest in sections:
+        report.run(section, fn, *rest, need_s=0.0 if args.small else least)
         with contextlib.suppress(Exception):
             torch._dynamo.reset()
             if torch.device(args.device).type == "cuda":
@@ -645,6 +473,15 @@ def main(argv=None):
     report.write()
     print(json.dumps(payload["summary"], indent=1))
     print(f"wrote {path} in {payload['elapsed_s']}s")
+
+
+def print_plan(sections: list[tuple], budget_s: float) -> None:
+    """The schedule with each section's least and full estimate and the running total of the full estimates."""
+    total = 0.0
+    print(f"{'section':58} {'least s':>8} {'full s':>7} {'total s':>8}")
+    for name, least, full, *_ in sections:
+        total += full
+        print(f"{name:58} {least:8.0f} {full:7.0f} {total:8.0f}{'  (past the budget)' if total > budget_s else ''}")
 
 
 def summarize(sections: dict) -> dict:

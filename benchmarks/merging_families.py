@@ -10,8 +10,6 @@ GFLOPs are counted by torch.utils.flop_counter. Writes benchmarks/results/mergin
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 from peft import get_peft_model
 from torch.utils.flop_counter import FlopCounterMode
@@ -30,7 +28,7 @@ from transformers import (
 
 from peft_effadapt import PYRAConfig, ToMeConfig
 
-from common import inference, interleaved_medians, write_result
+from common import inference, interleaved_medians, speed_arguments, write_result
 
 BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, image_size=224)
 FAMILIES = {
@@ -50,11 +48,7 @@ def gflops(model, x) -> float:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    args = speed_arguments(__doc__).parse_args()
     torch.set_num_threads(args.threads)
     x = torch.randn(args.batch, 3, 224, 224)
     rows = {}

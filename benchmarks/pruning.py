@@ -6,12 +6,16 @@ speed:    a ResNet-50-shaped HF model (random weights) slimmed to <= 0.50 FLOPs 
           uniform L1 pruner at the same FLOPs — in NCHW and channels_last: FLOPs ratio (torch FlopCounterMode,
           224x224) and CPU latency (batch 8, 2 threads, interleaved medians in one process) against the dense model in
           the same layout -> results/pruning_speed.json
+alignment: the measurement behind `round_to="auto"` on CPU: the same ResNet-50 at <= 0.50 FLOPs with uniform widths
+          rounded to 1, 4, 8 and 16 (all groups and internal only), NCHW and channels_last, one interleaved loop
+          -> results/pruning_alignment.json
 accuracy: the testbed tiny ResNet (source domain), >= 3 seeds: ResRep and C-SGD with internal-only and all groups at
           0.7 and 0.5 FLOPs, and L1-magnitude pruning + fine-tuning (same groups, FLOPs, steps and schedule), mean and
           std over seeds -> results/pruning_accuracy.json (+ .png). Every finished run is cached in
           results/pruning_runs/ and reused, so an interrupted sweep resumes where it stopped.
 
     python benchmarks/pruning.py speed [--repeats 9]                      # needs: pip install torch-pruning (bench)
+    python benchmarks/pruning.py alignment [--repeats 9] [--threads 2]
     nice -n 10 python benchmarks/pruning.py accuracy [--seeds 0 1 2] [--steps 600] [--threads 1]
 """
 
@@ -45,7 +49,7 @@ from peft_effadapt.pruning import (  # noqa: E402
 )
 from peft_effadapt.pruning import round_to as round_to_multiple  # noqa: E402
 
-from common import RESULTS, interleaved_medians, write_result  # noqa: E402
+from common import RESULTS, inference, interleaved_medians, top1, write_result  # noqa: E402
 
 # Final internal widths of the official ResRep ResNet-50 log (res50_54.5pruned_log.txt), per bottleneck (conv0, conv1).
 LASSO, COMPACTOR_MOMENTUM = 5e-2, 0.9  # ResRep settings of the short accuracy runs (see resrep_row)
@@ -114,32 +118,101 @@ def torch_pruning_model(full, flops_target: float, one: dict, round_to: int = 16
     return best
 
 
-def speed(repeats: int, threads: int, tp_ratio: float | None = None) -> dict:
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    config = ResNetConfig(num_labels=1000)  # ResNet-50 layout (stride in the 3x3 conv), ImageNet head
-    full = ResNetForImageClassification(config).eval()
-    groups = find_channel_groups(full)
-    one = {"pixel_values": torch.randn(1, 3, 224, 224)}
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+BATCH = 8
+
+
+def time_layouts(models: dict[str, nn.Module], rows: dict[str, dict], repeats: int, clock=time.perf_counter):
+    """Every model in both memory layouts (NCHW, channels_last) timed in one interleaved loop (batch 8 at 224x224,
+    inference mode); returns the medians `{"model/layout": s}` and one table row per model and layout with its speed-up
+    over the dense model (`models["dense"]`) in the same layout and in NCHW."""
+    batch = torch.randn(BATCH, 3, 224, 224)
+    fns = {}
+    for layout, fmt in LAYOUTS.items():
+        x = batch.contiguous(memory_format=fmt)
+        for name, model in models.items():
+            fns[f"{name}/{layout}"] = inference(copy.deepcopy(model).to(memory_format=fmt), pixel_values=x)
+    print(f"timing {len(fns)} models; {_uptime()}", flush=True)
+    times = interleaved_medians(fns, repeats=repeats, warmup=2, clock=clock)
+    table = []
+    for layout in LAYOUTS:
+        dense_same, dense_nchw = times[f"dense/{layout}"], times["dense/nchw"]
+        for name in models:
+            seconds = times[f"{name}/{layout}"]
+            table.append({"model": name, "layout": layout, "flops_ratio": rows[name]["flops_ratio"],
+                          "latency_s": seconds, "speedup_vs_dense_same_layout": dense_same / seconds,
+                          "speedup_vs_dense_nchw": dense_nchw / seconds})
+    return times, table
+
+
+def slimmed_variants(full: nn.Module, one: dict, groups, variants: dict) -> tuple[dict, dict]:
+    """`{"dense": full, name: slimmed copy}` for `variants` (`{name: (widths, round_to)}`, magnitude plans) and one
+    row per model: measured FLOPs ratio (checked against `FlopsModel`), round_to, group families, parameters."""
     flops = FlopsModel.measure(full, one, groups)
-    variants = {
-        "resrep_official_internal": (resrep_widths(), None),
-        "internal_round16": (widths_for_flops(full, one, 0.5, groups="internal", round_to=16), 16),
-        "all_groups_round16": (widths_for_flops(full, one, 0.5, groups="all", round_to=16), 16),
-    }
-    slim, rows = {"dense": full}, {"dense": {"flops_ratio": 1.0, "gflops_224": flops.baseline / 1e9,
-                                             "params_m": sum(p.numel() for p in full.parameters()) / 1e6}}
+    models = {"dense": full}
+    rows = {"dense": {"flops_ratio": 1.0, "gflops_224": flops.baseline / 1e9,
+                      "params_m": sum(p.numel() for p in full.parameters()) / 1e6}}
     for name, (widths, multiple) in variants.items():
         model = copy.deepcopy(full)
         plan = plan_from_widths(model, groups, widths, round_to=multiple)
         apply_plan(model, plan)
         measured = count_flops(model, one)
         assert measured == flops.flops(plan.widths)
-        slim[name] = model
+        models[name] = model
         rows[name] = {"flops_ratio": measured / flops.baseline, "round_to": multiple,
                       "groups": sorted({"streams" if g.residual or g.meta.get("role") == "stem" else "internal"
                                         for g in select_groups(groups, "all") if g.name in plan.widths}),
-                      "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+                      "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+                      "widths_multiple_of": _largest_common_multiple(plan.widths.values())}
+    return models, rows
+
+
+def _largest_common_multiple(widths) -> int:
+    """The largest of 16, 8, 4, 2, 1 that divides every width."""
+    return next(m for m in (16, 8, 4, 2, 1) if all(w % m == 0 for w in widths))
+
+
+def resnet50() -> tuple[nn.Module, list, dict]:
+    """The dense ResNet-50 (HF layout: stride in the 3x3 conv; ImageNet head; random weights, seed 0), its channel
+    groups and a one-image example input at 224x224."""
+    torch.manual_seed(0)
+    full = ResNetForImageClassification(ResNetConfig(num_labels=1000)).eval()
+    return full, find_channel_groups(full), {"pixel_values": torch.randn(1, 3, 224, 224)}
+
+
+def alignment(repeats: int, threads: int, multiples=(1, 4, 8, 16), flops_ratio: float = 0.5,
+              scopes=("all",), clock: str = "wall") -> dict:
+    """The CPU measurement behind `round_to="auto"`: ResNet-50 slimmed to <= `flops_ratio` with uniform widths
+    (`widths_for_flops`) rounded to each multiple, for each group scope, in NCHW and channels_last, timed in one
+    interleaved loop against the dense model (`clock="cpu"`: process CPU time, for a loaded machine)."""
+    torch.set_num_threads(threads)
+    full, groups, one = resnet50()
+    variants = {f"{scope}_round{m}": (widths_for_flops(full, one, flops_ratio, groups=scope, round_to=m), m)
+                for scope in scopes for m in multiples}
+    models, rows = slimmed_variants(full, one, groups, variants)
+    uptime_before = _uptime()
+    _, table = time_layouts(models, rows, repeats, time.process_time if clock == "cpu" else time.perf_counter)
+    by = {(r["model"], r["layout"]): r for r in table}
+    for r in table:
+        if r["model"] != "dense":
+            base = by[(r["model"].rsplit("_round", 1)[0] + f"_round{multiples[0]}", r["layout"])]
+            r[f"speedup_vs_round{multiples[0]}_same_layout"] = base["latency_s"] / r["latency_s"]
+    return {"task": f"ResNet-50 (HF layout, random weights) slimmed to <= {flops_ratio} FLOPs, uniform widths rounded "
+                    f"to {list(multiples)}", "batch": BATCH, "image_size": 224, "threads": threads,
+            "repeats": repeats, "clock": "process CPU time" if clock == "cpu" else "wall", "scopes": list(scopes),
+            "uptime_before": uptime_before, "uptime_after": _uptime(), "models": rows, "table": table}
+
+
+def speed(repeats: int, threads: int, tp_ratio: float | None = None) -> dict:
+    torch.set_num_threads(threads)
+    full, groups, one = resnet50()
+    flops = FlopsModel.measure(full, one, groups)
+    variants = {
+        "resrep_official_internal": (resrep_widths(), None),
+        "internal_round16": (widths_for_flops(full, one, 0.5, groups="internal", round_to=16), 16),
+        "all_groups_round16": (widths_for_flops(full, one, 0.5, groups="all", round_to=16), 16),
+    }
+    slim, rows = slimmed_variants(full, one, groups, variants)
     try:
         import torch_pruning as tp
 
@@ -159,34 +232,13 @@ def speed(repeats: int, threads: int, tp_ratio: float | None = None) -> dict:
                                                       "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
     except ImportError:
         warnings.warn("torch-pruning is not installed (pip install torch-pruning): its row is left out.", stacklevel=1)
-    batch = torch.randn(8, 3, 224, 224)
-    layouts = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
-    fns = {}
-    for layout, fmt in layouts.items():
-        x = batch.contiguous(memory_format=fmt)
-        for name, model in slim.items():
-            m = copy.deepcopy(model).to(memory_format=fmt)
-
-            def run(m=m, x=x):
-                with torch.inference_mode():
-                    m(pixel_values=x)
-            fns[f"{name}/{layout}"] = run
     uptime_before = _uptime()
-    print(f"timing {len(fns)} models; {uptime_before}", flush=True)
-    times = interleaved_medians(fns, repeats=repeats, warmup=2)
-    table = []
-    for layout in layouts:
-        dense_same, dense_nchw = times[f"dense/{layout}"], times["dense/nchw"]
-        for name in slim:
-            seconds = times[f"{name}/{layout}"]
-            table.append({"model": name, "layout": layout, "flops_ratio": rows[name]["flops_ratio"],
-                          "latency_s": seconds, "speedup_vs_dense_same_layout": dense_same / seconds,
-                          "speedup_vs_dense_nchw": dense_nchw / seconds})
+    times, table = time_layouts(slim, rows, repeats)
     tp_rows = {r["layout"]: r for r in table if r["model"] == "torch_pruning_round16"}
     for r in table:
         if r["model"].startswith("all_groups_round16") and r["layout"] in tp_rows:
             r["latency_vs_torch_pruning"] = r["latency_s"] / tp_rows[r["layout"]]["latency_s"]
-    return {"task": "ResNet-50 (HF layout, random weights, 1000 classes) slimmed to <= 0.50 FLOPs", "batch": 8,
+    return {"task": "ResNet-50 (HF layout, random weights, 1000 classes) slimmed to <= 0.50 FLOPs", "batch": BATCH,
             "image_size": 224, "threads": threads, "repeats": repeats, "uptime_before": uptime_before,
             "uptime_after": _uptime(), "flops_convention": "FlopCounterMode (2 per MAC), 224x224",
             "models": rows, "table": table}
@@ -211,14 +263,6 @@ def _data(n_train: int):
     test = make_domain_dataset("source", "test")
     pixels = lambda ds: processor.to_pixel_values(dataset_images(ds))  # noqa: E731
     return (pixels(train), torch.tensor(train["label"])), (pixels(test), torch.tensor(test["label"]))
-
-
-def _accuracy(model, test) -> float:
-    model.eval()
-    with torch.no_grad():
-        preds = torch.cat([model(pixel_values=test[0][i:i + 256]).logits.argmax(-1)
-                           for i in range(0, len(test[1]), 256)])
-    return float((preds == test[1]).float().mean())
 
 
 def _train(model, train, steps, lr, optimizer, batch=64, seed=0, callback=None):
@@ -261,12 +305,12 @@ def resrep_row(train, test, target: float, steps: int, seed: int = 0, scope: str
     start = time.perf_counter()
     _train(model, train, steps, 0.02, optimizer, seed=seed, callback=cb)
     masked = torch.cat([c.row_norms()[c.mask == 0] for c in cb.compactors.values()])
-    before_conversion = _accuracy(model, test)
+    before_conversion = top1(model, test)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         plan = cb.slim()
     return {"method": "ResRep", "scope": scope, "seed": seed, "flops_ratio": cb.final_flops_ratio,
-            "accuracy": _accuracy(model, test), "lasso_strength": LASSO, "compactor_momentum": COMPACTOR_MOMENTUM,
+            "accuracy": top1(model, test), "lasso_strength": LASSO, "compactor_momentum": COMPACTOR_MOMENTUM,
             "accuracy_before_conversion": before_conversion, "masked_flops_ratio": cb.masked_flops_ratio,
             "target_reached_step": cb.target_reached_step,
             "max_masked_row_norm": float(masked.max()) if masked.numel() else 0.0,
@@ -285,13 +329,13 @@ def l1_row(train, test, flops_ratio: float, steps: int, seed: int = 0, scope: st
     widths = widths_for_flops(model, x, flops_ratio, groups=scope)
     plan = plan_from_widths(model, groups, widths, method="l1")
     apply_plan(model, plan)
-    pruned = _accuracy(model, test)
+    pruned = top1(model, test)
     optimizer = torch.optim.SGD(resrep_param_groups(model, lr=0.02), lr=0.02, momentum=0.9)
     start = time.perf_counter()
     _train(model, train, steps, 0.02, optimizer, seed=seed)
     return {"method": "L1 + fine-tune", "scope": scope, "seed": seed,
             "flops_ratio": FlopsModel.measure(load_tiny_resnet()[0], x, groups).ratio(plan.widths),
-            "accuracy": _accuracy(model, test), "accuracy_before_finetune": pruned,
+            "accuracy": top1(model, test), "accuracy_before_finetune": pruned,
             "train_seconds": time.perf_counter() - start}
 
 
@@ -353,7 +397,7 @@ def accuracy(targets: list[float], scopes: list[str], seeds: list[int], steps: i
                                 "flops_ratio_mean": statistics.mean(r["flops_ratio"] for r in rows),
                                 "accuracy_mean": statistics.mean(accs) if accs else None,
                                 "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else None})
-    unpruned = _accuracy(base, test)
+    unpruned = top1(base, test)
     try:
         from plots import errorbar_plot
 
@@ -377,7 +421,7 @@ def accuracy(targets: list[float], scopes: list[str], seeds: list[int], steps: i
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["speed", "accuracy", "all"])
+    parser.add_argument("what", choices=["speed", "alignment", "accuracy", "all"])
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=None, help="default: 2 for speed, 1 for accuracy")
     parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.7])
@@ -387,9 +431,16 @@ def main():
     parser.add_argument("--n-train", type=int, default=128, help="training images per class")
     parser.add_argument("--tp-ratio", type=float, default=None, help="first Torch-Pruning ratio to try")
     parser.add_argument("--cached-only", action="store_true", help="summarise finished runs, start none")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="alignment: wall time, or process CPU time (less disturbed on a loaded machine)")
+    parser.add_argument("--scopes-alignment", nargs="+", default=["all"], choices=["internal", "streams", "all"])
+    parser.add_argument("--out-name", default=None, help="alignment: result name (default pruning_alignment)")
     args = parser.parse_args()
     if args.what in ("speed", "all"):
         write_result("pruning_speed", speed(args.repeats, args.threads or 2, args.tp_ratio))
+    if args.what == "alignment":
+        write_result(args.out_name or "pruning_alignment", alignment(args.repeats, args.threads or 2,
+                                                                     scopes=args.scopes_alignment, clock=args.clock))
     if args.what in ("accuracy", "all"):
         write_result("pruning_accuracy", accuracy(args.targets, args.scopes, args.seeds, args.steps, args.n_train,
                                                   args.threads or 1, args.cached_only))

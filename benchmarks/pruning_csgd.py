@@ -25,19 +25,12 @@ from peft_effadapt.pruning import CentripetalSGDCallback, count_flops, widths_fo
 from peft_effadapt.testing import dataset_images, load_tiny_resnet, make_domain_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import top1  # noqa: E402
 
 
 def _tensors(processor, split: str, n_per_class: int | None):
     data = make_domain_dataset("source", split, n_per_class=n_per_class)
     return processor.to_pixel_values(dataset_images(data)), torch.tensor(data["label"])
-
-
-def _accuracy(model, test) -> float:
-    model.eval()
-    with torch.no_grad():
-        preds = torch.cat([model(pixel_values=test[0][i:i + 256]).logits.argmax(-1)
-                           for i in range(0, len(test[1]), 256)])
-    return float((preds == test[1]).float().mean())
 
 
 def run_csgd(train=None, test=None, flops_ratio: float = 0.5, steps: int = 600, seed: int = 0, lr: float = 0.03,
@@ -51,7 +44,7 @@ def run_csgd(train=None, test=None, flops_ratio: float = 0.5, steps: int = 600, 
     test = test if test is not None else _tensors(processor, "test", None)
     x = test[0][:1]
     flops0, params0 = count_flops(model, x), sum(p.numel() for p in model.parameters())
-    before = _accuracy(model, test)
+    before = top1(model, test)
     widths = widths_for_flops(model, x, flops_ratio, groups=scope, round_to=round_to)
     callback = CentripetalSGDCallback(keep_ratio=widths, groups=scope, centripetal_strength=centripetal_strength,
                                       round_to=round_to, check_inputs={"pixel_values": test[0][:64]})
@@ -68,7 +61,7 @@ def run_csgd(train=None, test=None, flops_ratio: float = 0.5, steps: int = 600, 
     return {
         "method": "C-SGD" if scope == "all" else "C-SGD (internal)",
         "accuracy_before": before,
-        "accuracy": _accuracy(model, test),
+        "accuracy": top1(model, test),
         "flops_ratio": count_flops(model, x) / flops0,
         "params_ratio": sum(p.numel() for p in model.parameters()) / params0,
         "widths": callback.plan.widths,

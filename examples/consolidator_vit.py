@@ -149,8 +149,9 @@ def main(argv=None):
     after = trainer.evaluate()["eval_accuracy"]
 
     adapter_dir = Path(args.output_dir) / "adapter"
+    model.consolidate()  # stage 1: the branches become one sparse delta per layer (training checkpoints keep branches)
     if trainer.is_world_process_zero():
-        model.save_pretrained(adapter_dir)  # stage 1: only the consolidated delta values are stored
+        model.save_pretrained(adapter_dir)  # only the consolidated delta values are stored
     trainer.accelerator.wait_for_everyone()
     size = (adapter_dir / "adapter_model.safetensors").stat().st_size
     base = (load_tiny if args.tiny else load_hub)(args)[0]

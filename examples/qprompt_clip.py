@@ -41,8 +41,8 @@ from transformers import Trainer, TrainingArguments
 
 import peft_effadapt  # noqa: F401  (registers QPrompt with peft)
 from peft_effadapt import CLIPZeroShotClassifier, QPromptConfig
-from peft_effadapt.tasks import evaluate_base_to_novel, load_clip, load_clip_with_data
-from peft_effadapt.testing import base_novel_split, few_shot_split
+from peft_effadapt.tasks import evaluate_base_to_novel
+from peft_effadapt.testing import base_novel_split, few_shot_split, load_clip, load_clip_with_data
 
 
 def tensor_bytes(folder: str) -> int:

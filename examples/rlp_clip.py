@@ -48,8 +48,8 @@ from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
 import peft_effadapt  # noqa: F401  (registers RLP and COOP with peft)
 from peft_effadapt import CLIPZeroShotClassifier, CoOpConfig, RLPConfig
-from peft_effadapt.tasks import evaluate_base_to_novel, load_clip, load_clip_with_data
-from peft_effadapt.testing import base_novel_split, few_shot_split
+from peft_effadapt.tasks import evaluate_base_to_novel
+from peft_effadapt.testing import base_novel_split, few_shot_split, load_clip, load_clip_with_data
 
 TEMPLATE = "a photo of a {}."
 

@@ -9,8 +9,9 @@ called::
 """
 
 from . import compat
-from .compiling import compile_for_inference
+from ._version import __version__
 from .active import ActiveAdaptationLoop, ContrastiveActiveSampler, ImagePreprocess, LFTLConfig, VPATrainer
+from .compiling import compile_for_inference
 from .pruning import (
     CentripetalSGDCallback,
     CSGDConfig,
@@ -38,8 +39,6 @@ from .tuners.qprompt import QPromptConfig, QPromptModel
 from .tuners.rlp import RLPConfig, RLPModel
 from .tuners.tempme import TempMeConfig, TempMeModel
 from .tuners.tome import ToMeConfig, ToMeModel
-
-__version__ = "0.1.0"
 
 compat.install()  # transformers >= 5.24 gates its own adapter methods at peft >= 0.22: say so clearly
 

@@ -108,9 +108,26 @@ def push_adapter_to_hub(
     **card_fields: Any,
 ) -> str:
     """Saves ``model`` (a ``PeftModel``), renders its card, and uploads adapter_config.json,
-    adapter_model.safetensors and README.md in one commit. Returns the commit URL.
+    adapter_model.safetensors and README.md in one commit.
 
-    Checks the repo id, the token and the card before anything is created or uploaded.
+    The adapter is uploaded in the form ``save_pretrained`` writes: for Consolidator, call ``model.consolidate()``
+    first to ship the compact sparse delta instead of the training branches.
+
+    Args:
+        model: The ``PeftModel`` to save and upload.
+        repo_id (str): ``"owner/name"`` of the Hub repository (created if missing).
+        token (str | None): Hub token; default: the one ``huggingface_hub`` finds.
+        private (bool | None): Visibility of a repository this call creates.
+        commit_message (str): Message of the upload commit.
+        **card_fields: `render_model_card` options (``metrics``, ``training_data``, ``datasets``, ``license``,
+            ``base_model``).
+
+    Returns:
+        str: The commit URL.
+
+    Raises:
+        ValueError: A malformed repo id, no token, or a card that cannot be rendered; raised before anything is
+            created or uploaded.
     """
     token = _checked_repo_and_token(repo_id, token)
     with tempfile.TemporaryDirectory() as tmp:

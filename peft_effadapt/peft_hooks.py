@@ -5,8 +5,9 @@ Written against peft 0.21. Each hook says which peft behaviour it relies on:
 1. `add_peft_type` adds members to peft's closed ``PeftType`` str-enum, the way the enum machinery creates them.
 2. `register_peft_method` wraps peft's public function of that name: idempotent, and refusing prefixes that overlap.
 3. `guard_config_reader` wraps ``PeftConfigMixin.from_json_file`` so that a damaged or hostile adapter_config.json,
-   or one with unknown fields, is a ValueError naming the file (and the field).
-4. `VerifiedAdapterFilesMixin` (configs) hooks ``PeftConfig.__post_init__`` and ``from_pretrained``.
+   or one with unknown fields, is a ValueError naming the file (and the field); unknown fields that a newer
+   peft_effadapt wrote are dropped with one warning.
+4. `VerifiedAdapterFilesMixin` (configs) hooks ``PeftConfig.__post_init__``, ``to_dict`` and ``from_pretrained``.
 5. `ValidatedLoadMixin` (tuners) overrides ``BaseTuner.inject_adapter``, ``merge_adapter`` and the private
    ``_unload_and_optionally_merge`` and ``_remap_adapter_state_dict_for_load``.
 
@@ -17,11 +18,14 @@ stay with their tuner.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import itertools
+import os
 import sys
 import warnings
+from dataclasses import dataclass, field
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
@@ -30,7 +34,7 @@ from peft.utils import register_peft_method as _peft_register_peft_method
 from torch import nn
 
 from .validation import (
-    AdapterFile,
+    VERSION_KEY,
     check_adapter_tensors,
     check_config_fields,
     check_file_fits_model,
@@ -38,8 +42,11 @@ from .validation import (
     check_loaded_like_model,
     check_saved_module_keys,
     check_saved_modules_complete,
+    installed_version,
+    newer_fields_warning,
     read_adapter_file,
     read_config_json,
+    writer_version,
 )
 
 
@@ -135,13 +142,19 @@ def _same_class(a: type | None, b: type) -> bool:
 
 
 # -- 3. adapter_config.json reader --------------------------------------------------------------------------------
+_WARNED_FILES: set[tuple[str, int, int]] = set()
+
+
 def guard_config_reader() -> None:
     """Routes ``PeftConfigMixin.from_json_file`` through `validation.read_config_json` and, for this package's
-    types, `validation.check_known_fields`. Idempotent; the result for a valid file is unchanged.
+    types, `validation.check_known_fields`: unknown fields raise, unless a newer peft_effadapt wrote the file; those
+    are dropped with one warning per file. Idempotent; the result for a valid file is unchanged.
 
     Relies on peft 0.21 reading every adapter_config.json through that classmethod (``PeftConfig.from_pretrained``,
     ``PeftModel.from_pretrained``/``load_adapter``, transformers' ``load_adapter``) and, after it, dropping unknown
-    keys with a warning that advises upgrading peft; the check runs first and names the field instead.
+    keys with a warning that advises upgrading peft; the check runs first and names the field instead. peft reads a
+    file two or three times per load (``PeftModel.from_pretrained`` once for the type and once for the config,
+    ``AutoPeftModel`` once more), hence one warning per file (path, size and modification time).
     """
     from peft.config import PeftConfigMixin
 
@@ -154,33 +167,64 @@ def guard_config_reader() -> None:
 
         data = read_config_json(path_json_file)
         config_cls = PEFT_TYPE_TO_CONFIG_MAPPING.get(data.get("peft_type"))
+        dropped = []
         if isinstance(config_cls, type) and _is_ours(config_cls):
-            check_known_fields(config_cls, data, path_json_file)
-        return current(cls, path_json_file, **kwargs)
+            dropped = check_known_fields(config_cls, data, path_json_file)
+        loaded = current(cls, path_json_file, **kwargs)
+        if dropped:
+            source = f"Adapter config {path_json_file}"
+            _warn_once_per_file(path_json_file, newer_fields_warning(dropped, source, writer_version(data, source)))
+            for key in dropped:
+                loaded.pop(key, None)
+        return loaded
 
     from_json_file._peft_effadapt_guard = True
     from_json_file.__doc__ = current.__doc__
     PeftConfigMixin.from_json_file = classmethod(from_json_file)
 
 
+def _warn_once_per_file(path: str, message: str) -> None:
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_mtime_ns, stat.st_size)
+    if key not in _WARNED_FILES:
+        _WARNED_FILES.add(key)
+        warnings.warn(message, UserWarning, stacklevel=3)
+
+
 # -- 4. configs ---------------------------------------------------------------------------------------------------
+@dataclass
 class VerifiedAdapterFilesMixin:
     """For PEFT configs (before ``PeftConfig`` in the bases): every config checks its fields against their type
     annotations after peft's ``__post_init__``; ``from_pretrained`` reads the weights file next to the config and
-    hands its description to the tuner in `loaded_from`.
+    hands its description to the tuner in `loaded_from`; ``to_dict`` (what ``save_pretrained`` writes) records the
+    installed peft_effadapt version as `peft_effadapt_version`.
 
     Relies on peft 0.21's ``PeftModel.from_pretrained`` and ``PeftModel.load_adapter`` calling the registered config
     class's ``from_pretrained`` and passing the returned object unchanged to the tuner, which injects before it reads
-    any weights.
+    any weights, and on ``PeftConfigMixin.save_pretrained`` writing ``to_dict()``.
     """
 
-    loaded_from: AdapterFile | None = None
-    """The adapter file this config was read with (not a dataclass field: never saved). The tuner checks it against
+    peft_effadapt_version: str | None = field(
+        default=None,
+        compare=False,
+        metadata={
+            "help": "The peft_effadapt version that wrote the adapter_config.json this config was read from (None "
+            "for a config built in code). Saving always records the installed version."
+        },
+    )
+
+    loaded_from = None
+    """The `AdapterFile` this config was read with (not a dataclass field: never saved). The tuner checks it against
     the model before injecting, then clears it."""
 
     def __post_init__(self):
         super().__post_init__()
         check_config_fields(self)
+
+    def to_dict(self) -> dict:
+        data = super().to_dict()
+        data[VERSION_KEY] = installed_version()  # the writer's version: fields it adds are dropped by older readers
+        return data
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
@@ -200,8 +244,7 @@ class ValidatedLoadMixin:
       weights are read): a config read with its file (`VerifiedAdapterFilesMixin`) is checked against the model
       first, so an adapter that does not fit raises before the model is touched.
     - ``_remap_adapter_state_dict_for_load`` (peft 0.21's ``set_peft_model_state_dict`` calls it with the file's
-      tensors after injection): checks the tensors against the injected layers and, on a mismatch, removes the
-      injected adapter again (loads that skip the config route, e.g. transformers' ``load_adapter``).
+      tensors before loading any): checks the tensors against the adapter's layers (`refusing_damaged_weights`).
     - ``merge_adapter(safe_merge=True)`` and ``_unload_and_optionally_merge`` (peft 0.21 merges layer by layer and
       stops at the first failing one): all-or-nothing, restoring the merged layers' base weights bit for bit.
     """
@@ -219,6 +262,8 @@ class ValidatedLoadMixin:
             else:
                 check_file_fits_model(expected, adapter_file, self.prefix, self.method_name)
         super().inject_adapter(model, adapter_name, *args, **kwargs)
+        if adapter_file is not None:  # injected for this load: removed again if its tensors are refused
+            self.peft_config[adapter_name]._injected_for_load = True
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         if not safe_merge:
@@ -253,14 +298,33 @@ class ValidatedLoadMixin:
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        try:
+        with refusing_damaged_weights(model, config, adapter_name):
             check_adapter_tensors(model, adapter_name, state_dict, cls.tuner_layer_cls, cls.prefix, cls.method_name)
             remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
             check_loaded_like_model(model, remapped, cls.method_name)
-        except ValueError:
-            undo_injection(model, adapter_name)
-            raise
         return remapped
+
+
+@contextlib.contextmanager
+def refusing_damaged_weights(model: nn.Module, config, adapter_name: str):
+    """Around a tuner's checks of the tensors it is about to load (its ``_remap_adapter_state_dict_for_load``).
+
+    On a ValueError, an adapter injected for this very load (a config read with its file: ``PeftModel.from_pretrained``,
+    ``load_adapter`` under a new name) is removed again, so the model is as it was before the call. An adapter the
+    model held before (``set_peft_model_state_dict``, ``load_adapter`` under that adapter's name, as the Trainer's
+    ``resume_from_checkpoint`` does) keeps its values: the checks run before peft loads any tensor.
+
+    Relies on peft 0.21's ``set_peft_model_state_dict`` calling the hook with ``model.peft_config[adapter_name]``, the
+    object `ValidatedLoadMixin.inject_adapter` marked, before ``load_state_dict``.
+    """
+    injected = getattr(config, "_injected_for_load", False)
+    try:
+        yield
+    except ValueError:
+        if injected:
+            undo_injection(model, adapter_name)
+        raise
+    config._injected_for_load = False
 
 
 def _expected_saved_tensors(tuner_cls: type, model: nn.Module, config, adapter_name: str):

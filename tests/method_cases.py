@@ -27,6 +27,10 @@ class MethodCase:
     mergeable: bool = True
     auto_class: str = "AutoPeftModel"
     weight_free: bool = False  # the adapter file holds no tensors of the method itself (e.g. ToMe): nothing to damage
+    # Another config of the method whose adapter computes visibly different outputs from make_config's even without
+    # trained weights (weight-free methods: another schedule), so that loading one next to the other is observable.
+    # None: make_config (its weights tell the adapters apart).
+    make_variant_config: Callable[..., PeftConfig] | None = None
 
 
 def _vit_inputs():
@@ -115,6 +119,7 @@ CASES += [
         make_inputs=_vit_inputs,
         output=lambda out: out.logits,
         weight_free=True,
+        make_variant_config=lambda **kw: ToMeConfig(merge_schedule=[6, 2], modules_to_save=["classifier"], **kw),
     ),
     MethodCase(
         id="tome-clip",
@@ -123,6 +128,8 @@ CASES += [
         make_inputs=_clip_inputs,
         output=lambda out: out.logits_per_image,
         weight_free=True,
+        make_variant_config=lambda **kw: ToMeConfig(merge_schedule=[2, 6], modules_to_save=["visual_projection"],
+                                                    **kw),
     ),
 ]
 

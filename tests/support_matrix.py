@@ -1,7 +1,7 @@
-"""The README's support matrix (method x model family), built from the tests' own parametrisation so that it cannot
-drift: a "tested" cell exists only because a parametrised test runs that pair, a "refused" cell only because a test
-asserts the refusal. `python tests/support_matrix.py` prints the Markdown table; tests/test_support_matrix.py checks
-that the README holds exactly that table and that every refusal below is raised."""
+"""The support matrix of docs/support-matrix.md (method x model family), built from the tests' own parametrisation so
+that it cannot drift: a "tested" cell exists only because a parametrised test runs that pair, a "refused" cell only
+because a test asserts the refusal. `python tests/support_matrix.py` prints the Markdown table;
+tests/test_support_matrix.py checks that that page holds exactly that table and that every refusal below is raised."""
 
 from __future__ import annotations
 

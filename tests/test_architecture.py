@@ -72,7 +72,7 @@ def method_folder(module: str, modules: dict[str, Path]) -> str | None:
 def violations(package_dir: Path) -> list[str]:
     modules = module_names(package_dir)
     found = []
-    for importer, imported, names in sorted(import_graph(package_dir)):
+    for importer, imported, _ in sorted(import_graph(package_dir)):
         (src_layer, src_unit), (dst_layer, dst_unit) = layer_of(importer), layer_of(imported)
         arrow = f"{importer} imports {imported}"
         if dst_layer == "tuner" and src_unit != dst_unit:
@@ -86,7 +86,7 @@ def violations(package_dir: Path) -> list[str]:
             found.append(f"{arrow}: cores and base modules never import an edge (rules 2, 5)")
         if src_layer == "base" and dst_layer == "core":
             found.append(f"{arrow}: base modules never import a core (rule 5)")
-        if src_layer == "core" and dst_layer == "root" and set(names) != {"__version__"}:
+        if src_layer == "core" and dst_layer == "root":
             found.append(f"{arrow}: a core never imports the package root, which imports every tuner (rule 2)")
         src_method, dst_method = method_folder(importer, modules), method_folder(imported, modules)
         core_init = importer == ".".join(importer.split(".")[:2])  # e.g. peft_effadapt.pruning, its __init__
@@ -95,8 +95,58 @@ def violations(package_dir: Path) -> list[str]:
     return found
 
 
+def import_cycles(package_dir: Path) -> list[list[str]]:
+    """Every set of two or more modules that import each other, directly or round a circle (Tarjan's strongly
+    connected components of the import graph; lazy imports count, as everywhere in this file)."""
+    graph: dict[str, set[str]] = {}
+    for importer, imported, _ in import_graph(package_dir):
+        if importer != imported:
+            graph.setdefault(importer, set()).add(imported)
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for target in sorted(graph.get(module, ())):
+            if target not in index:
+                visit(target)
+                low[module] = min(low[module], low[target])
+            elif target in stack:
+                low[module] = min(low[module], index[target])
+        if low[module] == index[module]:
+            component = stack[stack.index(module):]
+            del stack[stack.index(module):]
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return cycles
+
+
 def test_the_package_follows_the_import_rule():
     assert violations(PACKAGE_DIR) == []
+
+
+def test_no_modules_import_each_other():
+    """Two modules never import each other (rule 6): a shared piece moves below both, e.g. pruning's `ChannelGroup`
+    into `channel_group.py`, read by the rules (`groups.py`) and the tracer (`tracing.py`)."""
+    assert import_cycles(PACKAGE_DIR) == []
+
+
+def test_a_circle_of_imports_is_caught(tmp_path):
+    package = _write(tmp_path / "pkg", {
+        "__init__.py": "", "pruning/__init__.py": "", "pruning/groups.py": "from .tracing import trace\n",
+        "pruning/tracing.py": "def trace():\n    from .groups import ChannelGroup\n",
+        "tasks/__init__.py": "from ..testing import data\n", "testing/__init__.py": "",
+        "testing/data.py": "from ..tasks import clip\n", "tasks/clip.py": "",
+    })
+    assert import_cycles(package) == [["pkg.pruning.groups", "pkg.pruning.tracing"],
+                                      ["pkg.tasks", "pkg.testing.data"]]
 
 
 def test_the_graph_sees_relative_absolute_and_lazy_imports():
@@ -123,6 +173,7 @@ def _write(root: Path, files: dict[str, str]) -> Path:
         ({"tuners/b/model.py": "def f():\n    import pkg.tuners.a.layer\n"}, "rule 1"),
         ({"merging/tuner.py": "from ..tuners.a import layer\n"}, "rule 2"),
         ({"merging/tuner.py": "from .. import ToMeConfig\n"}, "rule 2"),
+        ({"merging/tuner.py": "from .. import __version__\n"}, "rule 2"),  # metadata too: from _version.py
         ({"merging/tuner.py": "from ..tasks import clip\n"}, "rules 2, 5"),
         ({"tasks/clip.py": "from ..tuners.a.layer import X\n"}, "rule 3"),
         ({"registration.py": "from .merging import tuner\n"}, "rule 5"),
@@ -133,8 +184,8 @@ def _write(root: Path, files: dict[str, str]) -> Path:
 def test_each_rule_catches_its_violation(tmp_path, files, rule):
     base = {"__init__.py": "from .tuners.a import layer\n", "tuners/__init__.py": "", "tuners/a/__init__.py": "",
             "tuners/a/layer.py": "from ...merging import tuner\n", "merging/__init__.py": "",
-            "merging/tuner.py": "from .. import __version__\n", "tasks/__init__.py": "", "tasks/clip.py": "",
-            "registration.py": "", "pruning/__init__.py": "", "pruning/plan.py": ""}
+            "merging/tuner.py": "from .._version import __version__\n", "tasks/__init__.py": "", "tasks/clip.py": "",
+            "registration.py": "", "_version.py": "", "pruning/__init__.py": "", "pruning/plan.py": ""}
     package = _write(tmp_path / "pkg", {**base, **files})
     found = violations(package)
     assert found and all(rule in line for line in found), found
@@ -143,9 +194,10 @@ def test_each_rule_catches_its_violation(tmp_path, files, rule):
 def test_a_clean_package_passes(tmp_path):
     package = _write(tmp_path / "pkg", {
         "__init__.py": "from .tuners.a import AConfig\nfrom . import registration\n",
-        "registration.py": "", "tuners/__init__.py": "", "tuners/a/__init__.py": "from .model import AConfig\n",
+        "registration.py": "", "_version.py": "", "tuners/__init__.py": "",
+        "tuners/a/__init__.py": "from .model import AConfig\n",
         "tuners/a/model.py": "from ...merging import base\nfrom ... import registration\nAConfig = 1\n",
-        "merging/__init__.py": "", "merging/base.py": "from .. import __version__\n",
+        "merging/__init__.py": "", "merging/base.py": "from .._version import __version__\n",
         "pruning/__init__.py": "from .csgd import C\n", "pruning/plan.py": "", "pruning/csgd/__init__.py": "C = 1\n",
         "pruning/csgd/callback.py": "from ..plan import x\n", "tasks/__init__.py": "from ..merging import base\n",
     })

@@ -369,6 +369,21 @@ def test_damaged_second_adapter_leaves_the_first_untouched(case, damage, tmp_pat
     assert list(model.peft_config) == ["default"] and file_hashes(folder) == hashes
 
 
+@pytest.mark.parametrize("case", WITH_TENSORS, ids=lambda c: c.id)
+def test_damaged_file_into_an_adapter_the_model_holds_leaves_it_as_it_was(case, tmp_path):
+    """Trainer's resume_from_checkpoint and a user's set_peft_model_state_dict load into the adapter the model already
+    holds (peft's load_adapter with that adapter's name): a damaged file is refused and the trained adapter stays."""
+    folder = saved_adapter(case, tmp_path)
+    edit_tensors(folder, lambda t: t.update({(key := own_keys(case, t)[0]): t[key].flatten()[:-1].clone()}))
+    torch.manual_seed(1)
+    model = get_peft_model(case.make_model(), case.make_config(init_weights=False))
+    before, hashes = snapshot(model), file_hashes(folder)
+    with pytest.raises(ValueError, match="shape|size|length|count"):
+        model.load_adapter(folder, adapter_name="default", is_trainable=True)
+    assert_unchanged(model, before)
+    assert list(model.peft_config) == ["default"] and file_hashes(folder) == hashes
+
+
 # -- NaN / inf weights and safe merging -------------------------------------------------------------------------
 def _poisons():
     return [pytest.param(case, which, value, id=f"{case.id}-{which}-{value}")

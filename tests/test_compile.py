@@ -1,6 +1,6 @@
 """torch.compile (inductor, CPU, fullgraph=False) against eager for every PEFT type: the inference forward, two SGD
 steps (forward, backward, update) and the merged model, plus the graphs and graph breaks of each, which must be
-those of the committed table (benchmarks/results/compile_graph_breaks.json, written by
+those of the committed table; and `compile_for_inference` (fullgraph, inductor) for every type as deployed (benchmarks/results/compile_graph_breaks.json, written by
 benchmarks/compile_graph_breaks.py through the same helper, tests/compile_check.py).
 
 Tolerance: tests/fp32.py. Inductor fuses and reorders fp32 reductions (matmul blocking, softmax and layer-norm sums),
@@ -17,7 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from compile_check import PER_TYPE, build, compiled_call, run_mode
+from compile_check import (
+    INFERENCE_CASES,
+    PER_TYPE,
+    REAL_SHAPED_CASES,
+    build,
+    compile_inference_case,
+    compiled_call,
+    run_mode,
+)
 from fp32 import assert_fp32_close
 from method_cases import CASES
 
@@ -102,3 +110,41 @@ def test_compiled_token_merging_drops_an_empty_mask_and_refuses_a_real_one():
     compiled = compiled_call(calls)
     assert_fp32_close(compiled.value, expected)
     assert (compiled.graphs, compiled.graph_breaks) == (1, 0)
+
+
+@pytest.mark.parametrize("case", INFERENCE_CASES, ids=lambda case: case.id)
+def test_compile_for_inference_with_inductor_equals_eager(case):
+    """The deployed form of every type through inductor: one graph per batch size, none on a repeat, equal to
+    eager (tests/test_compile_inference.py checks the capture in seconds with dynamo's eager backend)."""
+    result = compile_inference_case(case)
+    assert (result["graphs"], result["graph_breaks"]) == (2, 0)
+    for batch, outputs in result["compiled"].items():
+        for out in outputs:
+            assert_fp32_close(out, result["eager"][batch])
+
+
+@pytest.mark.parametrize("case", REAL_SHAPED_CASES, ids=lambda case: case.id)
+def test_real_shaped_models_capture_in_one_graph_per_batch_size(case):
+    """ViT-B/16 with ToMe r=16 and merged PYRA low, TempMe's ViT-B/32 video case (12 frames) and a ResNet-50 slimmed
+    to half its FLOPs: one graph per batch size, no break, equal to eager (capture by dynamo, eager backend)."""
+    result = compile_inference_case(case, backend="eager")
+    assert (result["graphs"], result["graph_breaks"]) == (2, 0)
+    for batch, outputs in result["compiled"].items():
+        for out in outputs:
+            assert_fp32_close(out, result["eager"][batch])
+
+
+def test_flex_kernel_through_inductor_equals_the_eager_math():
+    """FlexAttention with the per-key bias score_mod (opt-in: `use_key_bias_kernel("flex")`), compiled by inductor
+    for the CPU, against the eager math. Standalone, with the bias as a graph input: inductor's CPU template of torch 2.13
+    takes no bias computed inside the graph (a merging model's)."""
+    from peft_effadapt.merging.attention import flex_key_bias_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 37, 16) for _ in range(3))
+    bias = (torch.rand(2, 1, 1, 37) * 3 + 1).log()
+    scale = 16**-0.5
+    weights = (q @ k.transpose(-1, -2) * scale + bias).softmax(dim=-1)
+    expected = (weights @ v).transpose(1, 2)
+    compiled = torch.compile(flex_key_bias_attention, fullgraph=True)
+    assert_fp32_close(compiled(q, k, v, bias, scale), expected)

@@ -170,13 +170,21 @@ def test_two_adapters_set_and_delete(case):
 
 @parametrize
 def test_second_adapter_loads_from_disk(case, tmp_path):
-    model = get_peft_model(case.make_model(), case.make_config(init_weights=False))
+    """A saved adapter loaded next to the model's own computes what it computed when saved; the two are told apart
+    first (trained weights, and another schedule for weight-free methods), so a load that is skipped or that runs
+    the first adapter instead fails."""
+    model = get_peft_model(case.make_model(), (case.make_variant_config or case.make_config)(init_weights=False))
+    train_one_step(case, model)
     expected = run(case, model)
     model.save_pretrained(tmp_path)
     other = get_peft_model(case.make_model(), case.make_config())
+    own = run(case, other)
+    assert not torch.allclose(own, expected, atol=1e-4), "the saved adapter cannot be told from the model's own"
     other.load_adapter(tmp_path, adapter_name="loaded")
     other.set_adapter("loaded")
     torch.testing.assert_close(run(case, other), expected, rtol=1e-5, atol=1e-6)
+    other.set_adapter("default")
+    torch.testing.assert_close(run(case, other), own, rtol=0, atol=0)
 
 
 @parametrize

@@ -28,6 +28,8 @@ from peft_effadapt import PYRAConfig, ToMeConfig
 from peft_effadapt.merging.pooling import SizeWeightedPooling
 from peft_effadapt.merging.state import MergeContext, TokenState
 
+from fp32 import assert_fp32_close
+
 SMALL = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64, image_size=32,
              patch_size=4)  # 64 patches
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "fc1", "fc2")
@@ -142,7 +144,9 @@ def test_pyra_trains_saves_and_reloads(family, tmp_path):
     trained = features(model, pixels())
     model.save_pretrained(tmp_path)
     reloaded = PeftModel.from_pretrained(build(family), tmp_path).eval()
-    torch.testing.assert_close(features(reloaded, pixels()), trained, rtol=0, atol=0)
+    # fp32 tolerance, not bitwise: equal state dicts, yet on some CPUs the reloaded model's outputs differ in the last
+    # bits (measured 2.4e-7 on an AVX-512 machine; the tensors' memory alignment can pick another matmul kernel)
+    assert_fp32_close(features(reloaded, pixels()), trained)
 
 
 def test_size_weighted_pooling_equals_pooling_over_the_duplicated_tokens():

@@ -120,8 +120,12 @@ def test_bad_push_inputs_fail_before_any_upload(repo_id, token, kwargs, match, h
 def test_card_renders_storage_and_config(tmp_path):
     case = CASES[0]
     model = get_peft_model(case.make_model(), case.make_config())
+    model.save_pretrained(tmp_path / "training")
+    card = render_model_card(tmp_path / "training", "org/adapter", base_model="google/vit-base-patch16-224-in21k")
+    assert "raw branches; `model.consolidate()` before saving" in card.text
+    model.consolidate()
     model.save_pretrained(tmp_path)
     card = render_model_card(tmp_path, "org/adapter", base_model="google/vit-base-patch16-224-in21k")
-    assert "Consolidator" in card.text and "consolidated sparse delta" in card.text
+    assert "Consolidator" in card.text and "float32, consolidated sparse delta" in card.text
     assert card.data.base_model == "google/vit-base-patch16-224-in21k"
     assert "base_model:adapter:google/vit-base-patch16-224-in21k" in card.data.tags

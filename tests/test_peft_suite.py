@@ -5,8 +5,11 @@ features (LoRA variants, trainable tokens, weighted adapters, ...) and are not c
 
 The protocol: `model(X)` with X a [9, 10] integer tensor returns one tensor, and the adapter changes it.
 Fitted: Consolidator on peft's MLP (`target_modules` named: a plain nn.Module has no model type to default from) and
-on a tiny ViT (`ConsolidatorConfig()` as is) that reads X as pixels; PYRA on the same ViT (`PYRAConfig()` as is: the
-'low' preset resolves to r = [8, 4] at its 17 tokens). Where Consolidator differs from a check's premise:
+on a tiny ViT (`ConsolidatorConfig()` as is) that reads X as pixels, each also with two branches (MLP: fc_groups
+[2, 1]; ViT: [16, 8], channel shuffle on the first, DropPath 0.3), all under the default save (the branch form, which
+test_save_pretrained and test_parameters_after_loading_model need to reload as the same parameters); PYRA on the same
+ViT (`PYRAConfig()` as is: the 'low' preset resolves to r = [8, 4] at its 17 tokens). Where Consolidator differs from a
+check's premise:
 - test_disable_adapters(_with_merging) assume identity at init; the paper's init U(-1e-3, 1e-3) is not (peft exempts
   DEFT-PaRa, not identity at init, the same way): these two run with the spec's `init_range=0`.
 - test_only_params_are_updated (ViT) is a strict xfail: it wants every adapter tensor to change, but a key
@@ -91,7 +94,10 @@ class Models(peft_custom.MockTransformerWrapper):
 CASES = [
     ("Consolidator MLP", "MLP", ConsolidatorConfig, {"target_modules": ["lin0", "lin1"]}),
     ("Consolidator MLP one layer", "MLP", ConsolidatorConfig, {"target_modules": ["lin0"]}),
+    ("Consolidator MLP two branches", "MLP", ConsolidatorConfig, {"target_modules": ["lin0", "lin1"], "fc_groups": [2, 1]}),
     ("Consolidator tiny ViT default", "TinyViT", ConsolidatorConfig, {}),
+    ("Consolidator tiny ViT two branches DropPath", "TinyViT", ConsolidatorConfig,
+     {"fc_groups": [16, 8], "channel_shuffle": [True, False], "rep_drop": 0.3}),
     ("PYRA tiny ViT default", "TinyViT", PYRAConfig, {}),
 ]
 

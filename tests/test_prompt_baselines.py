@@ -72,6 +72,30 @@ def test_cocoop_classifier_uses_per_image_prompts_and_trains_both_parts():
         assert param.grad is not None and param.grad.abs().sum() > 0
 
 
+def test_cocoop_hooks_condition_positional_calls_leave_no_state_on_failure_and_unload():
+    """CoCoOp steers CLIP's own forward with hooks: positional arguments are conditioned as keywords are; a forward
+    that raises midway leaves no open call behind (its closing hook is always called), so the next text-only call
+    uses the plain context; `unload` removes every hook."""
+    inputs = _prompt_inputs()
+    model = get_peft_model(tiny_clip(), CoCoOpConfig(**_prompt_kwargs(), init_weights=False)).eval()
+    clip = model.base_model.model
+    with torch.no_grad():
+        expected = model(**inputs).logits_per_image
+        text = clip.get_text_features(input_ids=inputs["input_ids"]).pooler_output
+        positional = model(inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"]).logits_per_image
+        torch.testing.assert_close(positional, expected, rtol=0, atol=0)
+        with pytest.raises(RuntimeError):
+            model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"][:, :2])  # 2 of 3 channels
+        torch.testing.assert_close(clip.get_text_features(input_ids=inputs["input_ids"]).pooler_output, text,
+                                   rtol=0, atol=0)
+        torch.testing.assert_close(model(**inputs).logits_per_image, expected, rtol=0, atol=0)
+    plain = model.unload()
+    assert not (plain._forward_pre_hooks or plain._forward_hooks or plain.visual_projection._forward_hooks)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**inputs).logits_per_image, tiny_clip()(**inputs).logits_per_image,
+                                   rtol=0, atol=0)
+
+
 def test_cocoop_refuses_merge_and_text_only_models():
     model = get_peft_model(tiny_clip(), CoCoOpConfig(**_prompt_kwargs()))
     with pytest.raises(ValueError, match="conditions the prompt on each image"):

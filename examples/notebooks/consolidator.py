@@ -2,9 +2,9 @@
 # # Consolidator: grouped-connection adapters, consolidated for storage and merged for inference
 #
 # Consolidator adds a grouped (block-diagonal) linear branch next to every adapted Linear layer of a ViT. During
-# training the branches are separate; `save_pretrained` stores only the consolidated block-diagonal values (stage 1),
-# and `merge_and_unload` folds them into the frozen weights (stage 2), so the deployed model is a plain ViT with the
-# base model's speed. This notebook runs on the bundled tiny ViT and a generated image set (no Hub access).
+# training the branches are separate (and checkpoints store them as they are); `model.consolidate()` sums them into one
+# sparse delta per layer, whose values alone `save_pretrained` then stores (stage 1), and `merge_and_unload` folds them
+# into the frozen weights (stage 2), so the deployed model is a plain ViT with the base model's speed. This notebook runs on the bundled tiny ViT and a generated image set (no Hub access).
 
 # %%
 import tempfile
@@ -66,9 +66,10 @@ after = trainer.evaluate()["eval_accuracy"]
 print(f"accuracy on drawings: base tiny ViT {before:.3f} -> Consolidator {after:.3f}")
 
 # %% [markdown]
-# ## Stage 1: the adapter file holds the consolidated values only
+# ## Stage 1: consolidate, and the adapter file holds the consolidated values only
 
 # %%
+model.consolidate()
 model.save_pretrained(out_dir / "adapter")
 size = (out_dir / "adapter" / "adapter_model.safetensors").stat().st_size
 print(f"adapter file: {size / 1024:.1f} KiB")

@@ -28,20 +28,21 @@ def find_module(model: nn.Module, name: str) -> nn.Module:
 
 
 class FeatureCapture:
-    """Records the (flattened) input of one module at every forward: `capture.features` after `model(...)`."""
+    """Records the (flattened) input of one module at every forward: `capture.features` after `model(...)`. The
+    capture itself is the forward pre-hook, registered while `active()`."""
 
     def __init__(self, model: nn.Module, module_name: str):
         self.module = find_module(model, module_name)
         self.features: torch.Tensor | None = None
         self._handle = None
 
-    def _hook(self, module, args, kwargs):
+    def __call__(self, module, args, kwargs):
         x = args[0] if args else next(iter(kwargs.values()))
         self.features = x.flatten(1)
 
     @contextmanager
     def active(self):
-        self._handle = self.module.register_forward_pre_hook(self._hook, with_kwargs=True)
+        self._handle = self.module.register_forward_pre_hook(self, with_kwargs=True)
         try:
             yield self
         finally:

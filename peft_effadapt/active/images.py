@@ -9,9 +9,12 @@ import torch
 class ImagePreprocess:
     """Maps a numpy batch with an image column to `{"pixel_values": ...}` via `image_processor`.
 
-    `image_processor` is a transformers image processor (`processor(images, return_tensors="pt")`) or anything
-    with `to_pixel_values(images)`. `hflip=True` flips each image left-right with probability 1/2 (torch's global
-    generator, which the loop seeds per round), the train-time augmentation used by the testbed.
+    Args:
+        image_processor: A transformers image processor (`processor(images, return_tensors="pt")`) or anything with
+            `to_pixel_values(images)`.
+        column (str): The image column of the batch.
+        hflip (bool): Flip each image left-right with probability 1/2 (torch's global generator, which the loop
+            seeds per round): the train-time augmentation used by the testbed.
     """
 
     def __init__(self, image_processor, column: str = "image", hflip: bool = False):

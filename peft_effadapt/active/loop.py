@@ -57,7 +57,8 @@ class ActiveAdaptationLoop:
         sampler: an [`ActiveSampler`] or one of 'contrastive', 'entropy', 'margin', 'random'.
         label_column: column the default oracle reads; it is removed from every training view.
         oracle: callable(list of pool ids) -> labels, e.g. a person; default reads `label_column`.
-        preprocess / train_preprocess: batch -> model inputs for scoring/eval and for training (may augment).
+        preprocess: batch -> model inputs for scoring and evaluation (deterministic).
+        train_preprocess: batch -> model inputs for training (may augment; default: `preprocess`).
         eval_dataset: labelled evaluation set; default: the pool itself (transductive, as in the paper) when it
             has `label_column`, else no evaluation.
         num_classes: class count (default: the ClassLabel of `label_column`, else `model.config.num_labels`).

@@ -104,14 +104,21 @@ class MarginSampler(ActiveSampler):
 class ContrastiveActiveSampler(ActiveSampler):
     """LFTL's Contrastive Active Sampling.
 
-    q = p + alpha * (p - p_prev) with p_prev the probabilities cached at the PREVIOUS query (aligned by pool id;
-    no contrast at the first query or for ids without a cached row), u = top1(q) - top2(q) (not renormalised),
-    pseudo-labels from the un-contrasted p. With lambda > 0: w[c] = count of class c among the `topk` samples with
-    the largest u, divided by the largest count, and u <- u / max(u) + lambda * w[yhat] (max(u) guarded by eps).
-    The `n` smallest u are queried; the cache is then replaced by p on the ids left unlabelled.
+    q = p + alpha * (p - p_prev) with p_prev the probabilities cached at the PREVIOUS query (aligned by pool id; no
+    contrast at the first query or for ids without a cached row), u = top1(q) - top2(q) (not renormalised),
+    pseudo-labels from the un-contrasted p. With lambda > 0: w[c] = count of class c among the `topk` samples with the
+    largest u, divided by the largest count, and u <- u / max(u) + lambda * w[yhat] (max(u) guarded by eps). The `n`
+    smallest u are queried; the cache is then replaced by p on the ids left unlabelled.
 
-    `contrast_space="logprob"` contrasts log-probabilities instead (a secondary reading of the paper) and applies
-    the margin to softmax(log p + alpha * (log p - log p_prev)).
+    Args:
+        cd_ratio (float): alpha, the weight of the contrast with the previous query's predictions.
+        class_balance_lambda (float): lambda of the class-balance penalty (0 turns it off).
+        class_balance_topk (int): kappa, how many of the most certain samples count the classes.
+        contrast_space (str): "prob" (the release) or "logprob", which contrasts log-probabilities and applies the
+            margin to softmax(log p + alpha * (log p - log p_prev)) (a secondary reading of the paper).
+
+    Raises:
+        ValueError: A value out of range or an unknown `contrast_space`.
     """
 
     name = "contrastive"

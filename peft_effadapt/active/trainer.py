@@ -157,13 +157,23 @@ class LabelledMixupCallback(TrainerCallback):
 class VPATrainer(Trainer):
     """A `Trainer` for one VPA round over `pool` (a dataset WITHOUT the label column).
 
-    Args (besides `Trainer`'s `model` and `args`):
-        pool: the pool view given to `preprocess` (label column removed).
-        labels: {pool id: label} of the labelled anchors; unlabelled ids are all other rows (or `unlabelled_ids`).
-        memory: the persistent [`AnchorMemory`].
-        lftl_config: [`LFTLConfig`] (loss weights, optimiser, batch size, memory update mode).
-        train_preprocess / eval_preprocess: batch -> model inputs (training may augment; eval is deterministic).
-        num_classes, total_budget: class count; B for `unlabelled_per_epoch="efficient"`.
+    The loss is cross-entropy on the labelled anchors + SHOT's information maximisation on the unlabelled rows + the
+    entropy of cosine similarities to the anchor memory. [`ActiveAdaptationLoop`] builds one per round.
+
+    Args:
+        model: The model being adapted (as for `Trainer`).
+        args (TrainingArguments): As for `Trainer`.
+        pool (datasets.Dataset): The pool view given to `preprocess` (label column removed).
+        labels (dict[int, int]): `{pool id: label}` of the labelled anchors; the unlabelled ids are all other rows
+            (or `unlabelled_ids`).
+        memory (AnchorMemory): The persistent anchor memory.
+        lftl_config (LFTLConfig): Loss weights, optimiser, batch size, memory update mode.
+        train_preprocess: Batch -> model inputs for training (may augment).
+        eval_preprocess: Batch -> model inputs for evaluation (deterministic; default: `train_preprocess`).
+        num_classes (int): Class count.
+        unlabelled_ids (optional): The unlabelled pool ids (default: every id without a label).
+        total_budget (int | None): B, for `unlabelled_per_epoch="efficient"`.
+        **kwargs: Passed on to `Trainer`.
     """
 
     def __init__(self, model, args, *, pool: Dataset, labels: dict[int, int], memory: AnchorMemory,

@@ -1,12 +1,13 @@
 """Token-merging family core shared by ToMe, PYRA and TempMe.
 
 Pure tensor functions (ToMe's ``merge.py`` role: bipartite soft matching, size-weighted merging, source tracing,
-proportional-attention bias, clip grouping, schedules) and, above them, the integration every method uses: the
-model families and their layer layouts, the per-forward token state, the merging block body, the one class swap of
-``merge_and_unload``, LoRA on q/k/v, and the config, layer and tuner bases. A tuner imports this core, never
-another tuner.
+proportional-attention bias, clip grouping, schedules), the kernel choice of proportional attention, and above them
+the integration every method uses: the model families and their layer layouts, the per-forward token state, the
+merging block body, the one class swap of ``merge_and_unload``, LoRA on q/k/v, and the config, layer and tuner
+bases. A tuner imports this core, never another tuner.
 """
 
+from .attention import KEY_BIAS_KERNELS, key_bias_kernel, use_key_bias_kernel
 from .block import block_attention, fire_forward_hooks, run_merging_block
 from .config import SCHEDULE_HELP, MergingConfigBase, TokenMergingConfig
 from .families import (
@@ -35,7 +36,9 @@ from .matching import (
     merge_source,
     merge_tokens,
     merge_wavg,
+    pack_weighted,
     tokens_by_group,
+    unpack_weighted,
 )
 from .qkv_lora import init_qkv_lora, qkv_delta_fn, qkv_delta_weights
 from .schedules import (
@@ -56,6 +59,7 @@ from .tuner import MergingTuner, TokenMergingModel
 
 __all__ = [
     "CLIP_LAYOUT",
+    "KEY_BIAS_KERNELS",
     "MAX_PROTECTED",
     "MODEL_FAMILIES",
     "PRESET_NAMES",
@@ -87,6 +91,7 @@ __all__ = [
     "group_sequences",
     "init_qkv_lora",
     "init_source",
+    "key_bias_kernel",
     "layer_index",
     "layout_of",
     "log_size_bias",
@@ -95,6 +100,7 @@ __all__ = [
     "merge_tokens",
     "merge_wavg",
     "model_family",
+    "pack_weighted",
     "qkv_delta_fn",
     "qkv_delta_weights",
     "ramp_schedule",
@@ -105,6 +111,8 @@ __all__ = [
     "token_counts",
     "tokens_by_group",
     "ungroup_protected",
+    "unpack_weighted",
+    "use_key_bias_kernel",
     "validate_spec",
     "vision_config_of",
 ]

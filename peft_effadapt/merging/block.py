@@ -2,8 +2,8 @@
 attention residual and the MLP (ToMe, Bolya et al. 2023, §3).
 
 The attention keys (including any delta added to k) averaged over heads are the matching metric; proportional
-attention goes as a B×1×1×N float ``attention_mask`` through the model's attention interface (eager or sdpa). The
-tensor algorithm itself lives in `matching`.
+attention is a B×1×1×N float bias, run by the kernel `attention.key_bias_kernel` picks (the model's eager or sdpa
+interface; FlexAttention on request). The tensor algorithm itself lives in `matching`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.vit.modeling_vit import eager_attention_forward as vit_eager_attention
 
 from ..validation.inputs import require
+from .attention import flex_key_bias_attention, key_bias_kernel
 from .families import BlockLayout, check_attention
 from .matching import bipartite_soft_matching, log_size_bias, max_mergeable, merge_source, merge_wavg
 from .state import MergeContext, MergeSettings, TokenState
@@ -42,11 +43,14 @@ def block_attention(
     qkv_delta: QKVDelta | None = None,
     method: str = "ToMe",
     layer_name: str = "",
-    cast_mask: bool = False,
+    key_bias: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The attention of a pre-norm block from its own sub-modules, with an optional delta on q/k/v and an additive
-    float `attention_mask` (a padding/causal mask or the log-size bias). Returns (output after the out-projection,
-    keys B×N×D incl. the delta). Fires the attention module's forward hooks as its own forward would."""
+    float `attention_mask` (a padding/causal mask, or with `key_bias` the B×1×1×N log-size bias of proportional
+    attention, which goes to the kernel `attention.key_bias_kernel` picks). Returns (output after the
+    out-projection, keys B×N×D incl. the delta). Attention weights, when requested (`output_attentions`), come from
+    the eager math whatever the implementation. Fires the attention module's forward hooks as its own forward
+    would."""
     attn = getattr(block, layout.attention)
     implementation = getattr(attn.config, "_attn_implementation", None) or "eager"
     check_attention(implementation, method, f"layer {layer_name}")
@@ -58,20 +62,22 @@ def block_attention(
         dq, dk, dv = qkv_delta(normed)
         query, key, value = query + dq, key + dk, value + dv
     hidden_shape = (batch, num_tokens, -1, attn.head_dim)
-    if cast_mask and attention_mask is not None:
+    query_states, key_states, value_states = (t.view(hidden_shape).transpose(1, 2) for t in (query, key, value))
+    dropout = 0.0 if not attn.training else getattr(attn, layout.attention_dropout)
+    scaling = getattr(attn, layout.scaling)
+    wants_weights = bool(kwargs.get("output_attentions", getattr(attn.config, "output_attentions", False)))
+    kernel = "eager" if wants_weights else implementation  # attention weights come from the eager math only
+    if key_bias and attention_mask is not None:
         attention_mask = attention_mask.to(query.dtype)
-    eager = getattr(sys.modules[type(attn).__module__], "eager_attention_forward", None) or vit_eager_attention
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager)
-    attn_output, attn_weights = interface(
-        attn,
-        query.view(hidden_shape).transpose(1, 2),
-        key.view(hidden_shape).transpose(1, 2),
-        value.view(hidden_shape).transpose(1, 2),
-        attention_mask,
-        dropout=0.0 if not attn.training else getattr(attn, layout.attention_dropout),
-        scaling=getattr(attn, layout.scaling),
-        **kwargs,
-    )
+        kernel = key_bias_kernel(implementation, dropout, wants_weights)
+    if kernel == "flex":
+        attn_output, attn_weights = flex_key_bias_attention(query_states, key_states, value_states, attention_mask,
+                                                            scaling), None
+    else:
+        eager = getattr(sys.modules[type(attn).__module__], "eager_attention_forward", None) or vit_eager_attention
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(kernel, eager)
+        attn_output, attn_weights = interface(attn, query_states, key_states, value_states, attention_mask,
+                                              dropout=dropout, scaling=scaling, **kwargs)
     attn_output = attn_output.reshape(batch, num_tokens, -1).contiguous()
     attn_output = getattr(attn, layout.o_proj)(attn_output)
     fire_forward_hooks(attn, (normed,), (attn_output, attn_weights))
@@ -146,7 +152,7 @@ def run_merging_block(
     normed = getattr(block, layout.ln_before)(hidden_states)
     bias = log_size_bias(state.size) if settings.prop_attn else None
     attn_output, key = block_attention(
-        block, layout, normed, bias, kwargs, qkv_delta, settings.method, layer_name, cast_mask=True
+        block, layout, normed, bias, kwargs, qkv_delta, settings.method, layer_name, key_bias=True
     )
     head_dim = attn.head_dim
     hidden = residual_branch(block, layout, attn_output, layout.layer_scale_attention) + residual

@@ -21,8 +21,10 @@ from dataclasses import dataclass
 import torch
 
 Modulation = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""``f(sources, destinations) -> sources'`` applied to the r size-weighted source tokens (B×r×C, rows in descending
-match-score order) and their destinations gathered before any merge (B×r×C). PYRA's re-activation is one."""
+"""``f(sources, destinations) -> sources'`` applied to the r source rows (B×r×C, rows in descending match-score
+order) and their destination rows gathered before any merge (B×r×C). Rows may carry trailing channels beyond the
+model width (`merge_wavg` appends the token size: ``[s·x, s]``); f rewrites the first channels and returns the
+others unchanged. PYRA's re-activation is one."""
 
 MAX_PROTECTED = 2
 
@@ -31,21 +33,43 @@ MAX_PROTECTED = 2
 class MergePlan:
     """What one bipartite matching decided for a batch of sequences of `num_tokens` tokens.
 
-    `unmerged_idx` (B×(|A|−r)×1, ascending) indexes the A tokens that stay; `src_idx` (B×r×1) the A tokens merged
-    away, ordered by descending similarity score (row k = k-th most similar pair); `dst_idx` (B×r×1) the B token each
-    source merges into. Several sources may share a destination.
+    Stored relative to the *unprotected* tokens of each set (A_u: even positions from ``2 * ceil(p / 2)``, B_u: odd
+    positions from ``2 * floor(p / 2) + 1``), with a trailing axis of 1 ready to be expanded over channels: `kept`
+    (B×(|A_u|−r)×1, ascending) the A_u tokens that stay, `src` (B×r×1) the A_u tokens merged away, ordered by
+    descending similarity score (row k = k-th most similar pair), `dst` (B×r×1) the B_u token each source merges
+    into. Several sources may share a destination. `unmerged_idx`, `src_idx` and `dst_idx` give the same indices
+    relative to all of A / B (protected tokens included), computed on request.
     """
 
     num_tokens: int
     r: int
     protected: int
-    unmerged_idx: torch.Tensor | None
-    src_idx: torch.Tensor | None
-    dst_idx: torch.Tensor | None
+    kept: torch.Tensor | None
+    src: torch.Tensor | None
+    dst: torch.Tensor | None
 
     @property
     def num_tokens_after(self) -> int:
         return self.num_tokens - self.r
+
+    @property
+    def unmerged_idx(self) -> torch.Tensor | None:
+        """B×(|A|−r)×1, ascending: the A tokens that stay (protected ones first)."""
+        if self.kept is None:
+            return None
+        in_a = protected_split(self.protected)[0]
+        head = torch.arange(in_a, device=self.kept.device).view(1, -1, 1).expand(self.kept.shape[0], -1, -1)
+        return torch.cat([head, self.kept + in_a], dim=1)
+
+    @property
+    def src_idx(self) -> torch.Tensor | None:
+        """B×r×1: the A tokens merged away (index into all of A), in descending score order."""
+        return None if self.src is None else self.src + protected_split(self.protected)[0]
+
+    @property
+    def dst_idx(self) -> torch.Tensor | None:
+        """B×r×1: the B token (index into all of B) each source merges into."""
+        return None if self.dst is None else self.dst + protected_split(self.protected)[1]
 
 
 def max_mergeable(num_tokens: int, protected: int = 1) -> int:
@@ -62,11 +86,23 @@ def _check_protected(protected: int) -> None:
         )
 
 
+def protected_split(protected: int) -> tuple[int, int]:
+    """(protected tokens in A, protected tokens in B): CLS at 0 is in A, a distillation token at 1 in B."""
+    return (protected + 1) // 2, protected // 2
+
+
+def _unprotected_sets(x: torch.Tensor, protected: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A_u, B_u): the unprotected even- and odd-position tokens of a B×N×C tensor (one strided slice each)."""
+    in_a, in_b = protected_split(protected)
+    return x[:, 2 * in_a :: 2], x[:, 2 * in_b + 1 :: 2]
+
+
 def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 1) -> MergePlan:
     """Plans the merge of the `r` most similar (A, B) token pairs of every sequence.
 
     `metric` is B×N×C (e.g. keys averaged over heads); similarity is the cosine of the L2-normalised rows. `r` is
-    clamped to ``max_mergeable(N, protected)`` as in the reference ToMe. The plan is computed without gradient: the
+    clamped to ``max_mergeable(N, protected)`` as in the reference ToMe. Protected tokens take no part in the
+    matching (the reference gives them a score of −inf: the same plan). The plan is computed without gradient: the
     matching indices are not differentiated, the merge that uses them is.
     """
     _check_protected(protected)
@@ -76,49 +112,47 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 1) ->
         return MergePlan(num_tokens, 0, protected, None, None, None)
     with torch.no_grad():
         metric = metric / metric.norm(dim=-1, keepdim=True)
-        a, b = metric[..., ::2, :], metric[..., 1::2, :]
-        scores = a @ b.transpose(-1, -2)
-        if protected >= 1:
-            scores[..., : (protected + 1) // 2, :] = -torch.inf  # protected tokens in A (CLS at 0) are never sources
-        if protected >= 2:
-            scores[..., :, : protected // 2] = -torch.inf  # protected tokens in B (e.g. distillation) receive nothing
-        node_max, node_idx = scores.max(dim=-1)
-        edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
-        unmerged_idx = edge_idx[..., r:, :].sort(dim=1).values  # keep the original order (CLS first)
-        src_idx = edge_idx[..., :r, :]
-        dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
-    return MergePlan(num_tokens, r, protected, unmerged_idx, src_idx, dst_idx)
+        a, b = _unprotected_sets(metric, protected)
+        node_max, node_idx = torch.bmm(a, b.transpose(1, 2)).max(dim=-1, keepdim=True)
+        edge_idx = node_max.argsort(dim=1, descending=True)
+        src, rest = edge_idx.split([r, edge_idx.shape[1] - r], dim=1)
+        kept = rest.sort(dim=1).values  # keep the original order
+        dst = node_idx.gather(dim=1, index=src)
+    return MergePlan(num_tokens, r, protected, kept, src, dst)
 
 
 def merge_tokens(
     plan: MergePlan, x: torch.Tensor, mode: str = "mean", modulate: Modulation | None = None
 ) -> torch.Tensor:
     """Applies `plan` to a B×N×C tensor: sources are reduced (``"sum"``, ``"mean"``, ``"amax"``) into their
-    destinations. `modulate`, if given, rewrites the source rows before the reduction (see `Modulation`)."""
+    destinations. `modulate`, if given, rewrites the source rows before the reduction (see `Modulation`).
+
+    Output order: ``[protected tokens, kept A_u, B_u]``; two gathers from A_u and one scatter into B_u."""
     if plan.r == 0:
         return x
     if x.shape[1] != plan.num_tokens:
         raise ValueError(f"the merge plan is for {plan.num_tokens} tokens, got a tensor with {x.shape[1]}.")
     channels = x.shape[-1]
-    a, b = x[..., ::2, :], x[..., 1::2, :]
-    batch, n_a = a.shape[:2]
-    unmerged = a.gather(dim=-2, index=plan.unmerged_idx.expand(batch, n_a - plan.r, channels))
-    src = a.gather(dim=-2, index=plan.src_idx.expand(batch, plan.r, channels))
-    dst_index = plan.dst_idx.expand(batch, plan.r, channels)
+    a, b = _unprotected_sets(x, plan.protected)
+    kept = a.gather(dim=1, index=plan.kept.expand(-1, -1, channels))
+    src = a.gather(dim=1, index=plan.src.expand(-1, -1, channels))
+    dst_index = plan.dst.expand(-1, -1, channels)
     if modulate is not None:
-        src = modulate(src, b.gather(dim=-2, index=dst_index))
-    b = b.scatter_reduce(-2, dst_index, src, reduce=mode)
-    if plan.protected >= 2:  # protected B tokens (e.g. the distillation token) go back between the protected A ones
-        return torch.cat([_interleave_protected(unmerged, b, plan.protected), unmerged[:, (plan.protected + 1) // 2:],
-                          b[:, plan.protected // 2:]], dim=1)
-    return torch.cat([unmerged, b], dim=1)
+        src = modulate(src, b.gather(dim=1, index=dst_index))
+    b = b.scatter_reduce(1, dst_index, src, reduce=mode)
+    return torch.cat([kept, b] if plan.protected == 0 else [x[:, : plan.protected], kept, b], dim=1)
 
 
-def _interleave_protected(a: torch.Tensor, b: torch.Tensor, protected: int) -> torch.Tensor:
-    """The `protected` leading tokens in their original order: even positions from A's head, odd from B's."""
-    n_a, n_b = (protected + 1) // 2, protected // 2
-    pairs = torch.stack([a[:, :n_b], b[:, :n_b]], dim=2).flatten(1, 2)
-    return torch.cat([pairs, a[:, n_b:n_a]], dim=1)
+def pack_weighted(x: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """``[x·s, s]`` (B×N×(C+1)): what a size-weighted merge sums, in one tensor, so that one gather/scatter moves
+    both."""
+    return torch.cat([x * size, size], dim=-1)
+
+
+def unpack_weighted(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of `pack_weighted` after a sum-merge: ``(Σ s·x / Σ s, Σ s)``."""
+    weighted, size = packed.split([packed.shape[-1] - 1, 1], dim=-1)
+    return weighted / size, size
 
 
 def merge_wavg(
@@ -126,16 +160,15 @@ def merge_wavg(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Size-weighted merge: each destination becomes ``(s_b x_b + Σ s_i x_i) / (s_b + Σ s_i)`` and its size the sum.
 
-    `size` is B×N×1 (None: every token has size 1). `modulate` acts on the size-weighted sources ``s_i x_i``; sizes
-    are merged unmodulated. Returns ``(x, size)`` for the shorter sequence.
+    `size` is B×N×1 (None: every token has size 1). x·s and s are merged as one packed tensor (`pack_weighted`), so
+    `modulate` sees packed rows ``[s_i x_i, s_i]`` and must return the size channel unchanged (see `Modulation`).
+    Returns ``(x, size)`` for the shorter sequence.
     """
     if size is None:
         size = torch.ones_like(x[..., :1])
     if plan.r == 0:
         return x, size
-    weighted = merge_tokens(plan, x * size, mode="sum", modulate=modulate)
-    size = merge_tokens(plan, size, mode="sum")
-    return weighted / size, size
+    return unpack_weighted(merge_tokens(plan, pack_weighted(x, size), mode="sum", modulate=modulate))
 
 
 def init_source(batch: int, num_tokens: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -155,7 +188,7 @@ def log_size_bias(size: torch.Tensor | None, dtype: torch.dtype | None = None) -
     broadcasts over heads and queries (what HF's eager and sdpa attention take as a float ``attention_mask``)."""
     if size is None:
         return None
-    bias = size.log()[..., 0][:, None, None, :]
+    bias = size.log().reshape(size.shape[0], 1, 1, -1)
     return bias if dtype is None else bias.to(dtype)
 
 

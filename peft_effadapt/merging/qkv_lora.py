@@ -29,10 +29,15 @@ def qkv_delta_weights(a: torch.Tensor, b: torch.Tensor, scale: float, shared: bo
 def qkv_delta_fn(a: torch.Tensor, b: torch.Tensor, scale: float, shared: bool, dropout: nn.Module):
     """x -> (Δq, Δk, Δv); the shared form computes A·x once for all three."""
 
+    def scaled(t: torch.Tensor) -> torch.Tensor:
+        return t if scale == 1.0 else t * scale  # the official scale 1 costs no op
+
     def delta(x: torch.Tensor):
-        z = F.linear(dropout(x.to(a.dtype)), a)
+        z = F.linear(dropout(x.to(a.dtype)).reshape(-1, x.shape[-1]), a)  # on rows: each linear is one mm
         if shared:
-            return tuple(part.to(x.dtype) for part in (F.linear(z, b) * scale).chunk(3, dim=-1))
-        return tuple((F.linear(zi, bi) * scale).to(x.dtype) for zi, bi in zip(z.chunk(3, dim=-1), b.chunk(3, dim=0)))
+            out = scaled(F.linear(z, b)).view(*x.shape[:-1], -1)
+            return tuple(part.to(x.dtype) for part in out.chunk(3, dim=-1))
+        return tuple(scaled(F.linear(zi, bi)).view(*x.shape[:-1], -1).to(x.dtype)
+                     for zi, bi in zip(z.chunk(3, dim=-1), b.chunk(3, dim=0)))
 
     return delta

@@ -3,7 +3,7 @@ MaPLe prompt; CoCoOp, MaPLe): context rows written at placeholder positions (aft
 SigLIP) in the token embeddings of `text_model.embeddings`, input_ids untouched (pooling and masks unchanged), merged
 into the position-embedding table where exact (unified context)."""
 
-from .config import ContextPromptConfig
+from .config import ContextPromptConfig, DeepPromptConfig, DeepPromptShape
 from .family import CLIP_TEXT, SIGLIP_TEXT, TextFamily, text_family
 from .layer import ContextPromptLayer, PromptSlots, prompt_rows, write_context
 from .text import (
@@ -24,6 +24,8 @@ __all__ = [
     "text_family",
     "token_prompt_ids",
     "ContextPromptConfig",
+    "DeepPromptConfig",
+    "DeepPromptShape",
     "ContextPromptLayer",
     "ContextPromptTuner",
     "PromptBatch",

@@ -159,22 +159,53 @@ class ContextPromptConfig(VerifiedAdapterFilesMixin, PeftConfig):
         return self
 
 
-# -- MaPLe's deep-prompt fields, shared by MaPLeConfig and QPromptConfig(host="maple") ---------------------------------
-def maple_n_ctx_field(scope: str = ""):
-    return field(default=2, metadata={"help": f"{scope}Learned leading context tokens; the rest of ctx_init stays "
-                                              "fixed text ('of a' of 'a photo of a', as in MaPLe)."})
+@dataclass(frozen=True)
+class DeepPromptShape:
+    """m learned leading context tokens, written at depth J (layers 0..J-1 of both towers get prompts)."""
+
+    n_ctx: int
+    depth: int
 
 
-def prompt_depth_field(scope: str = ""):
-    return field(default=9, metadata={"help": f"{scope}Depth J: layers 0..J-1 of both towers get prompts."})
+@dataclass
+class DeepPromptConfig(ContextPromptConfig):
+    """Base of the configs whose adapters may carry MaPLe's deep multimodal prompts (MaPLe; QPrompt with
+    host='maple'): the deep-prompt fields, their checks and the shape they give (`deep_shape`)."""
 
+    maple_n_ctx: int = field(
+        default=2,
+        metadata={"help": "Deep prompts: learned leading context tokens m; the rest of ctx_init stays fixed text ('of "
+                  "a' of 'a photo of a', as in MaPLe). Used by MaPLe and by QPrompt with host='maple'."},
+    )
+    prompt_depth: int = field(
+        default=9,
+        metadata={"help": "Deep prompts: depth J, layers 0..J-1 of both towers get prompts. Used by MaPLe and by "
+                  "QPrompt with host='maple'."},
+    )
 
-def check_deep_prompt_fields(config: ContextPromptConfig, deep: bool = True) -> None:
-    """`maple_n_ctx` and `prompt_depth` are positive ints and, when the prompt is deep (`deep`), m <= n (the ctx_init
-    tokens)."""
-    for name in ("maple_n_ctx", "prompt_depth"):
-        value = getattr(config, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}.")
-    if deep and config.n_ctx is not None and config.maple_n_ctx > config.n_ctx:
-        raise ValueError(f"maple_n_ctx={config.maple_n_ctx} exceeds n_ctx={config.n_ctx} (the ctx_init tokens).")
+    @property
+    def deep_prompts(self) -> bool:
+        """True when this adapter has deep prompts."""
+        return True
+
+    def deep_shape(self) -> DeepPromptShape | None:
+        """(m, J) of the deep prompts, None for an adapter without them."""
+        return DeepPromptShape(self.maple_n_ctx, self.prompt_depth) if self.deep_prompts else None
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("maple_n_ctx", "prompt_depth"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}.")
+        self._check_learned_tokens()
+
+    def resolve_tokens(self, tokenizer) -> DeepPromptConfig:
+        super().resolve_tokens(tokenizer)
+        self._check_learned_tokens()
+        return self
+
+    def _check_learned_tokens(self) -> None:
+        """m <= n: the learned tokens are the first m of the n ctx_init tokens (checked once n is known)."""
+        if self.deep_prompts and self.n_ctx is not None and self.maple_n_ctx > self.n_ctx:
+            raise ValueError(f"maple_n_ctx={self.maple_n_ctx} exceeds n_ctx={self.n_ctx} (the ctx_init tokens).")

@@ -1,6 +1,7 @@
 """MaPLe's deep multimodal prompts on Hugging Face CLIP, shared by `MaPLeModel` and QPrompt's MaPLe host.
 
-Written as hooks that read the prompt tensors of a `DeepPromptLayer` (the text-embeddings layer of the adapter):
+Written as hooks (small callable objects bound to the `DeepPromptLayer`, the text-embeddings layer of the adapter, so
+that a deep copy of the model is hooked to its own layer) that read the layer's prompt tensors:
 
 - vision embeddings (after positional embeddings, before `pre_layrnorm`): append proj(ctx), m tokens;
 - text encoder layer i = 1..J-1 (input): the m context positions after BOS of the prompt-format rows <- deep
@@ -14,50 +15,14 @@ The visual prompts change the image encoder, so a deep-prompt adapter cannot be 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 from transformers import CLIPModel
 
 from ..targeting import unwrap_to_tuner_layers
+from .config import DeepPromptConfig, DeepPromptShape
 from .layer import ContextPromptLayer, prompt_rows
 from .tuner import ContextPromptTuner
-
-
-@dataclass(frozen=True)
-class DeepPromptShape:
-    """m learned leading context tokens, written at depth J (layers 0..J-1 of both towers get prompts)."""
-
-    n_ctx: int
-    depth: int
-
-
-def maple_tensors(ctx_rows: torch.Tensor | None, placeholder_row: torch.Tensor, n_ctx: int, shape: DeepPromptShape,
-                  vision_width: int, std: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """(learned tensors by name, frozen text rows) of a new MaPLe prompt, as MaPLe initialises them.
-
-    `ctx_rows`: the n x d token embeddings of ctx_init (None: random init). The first m rows are learned, the other
-    n - m stay fixed words ("of a" of "a photo of a"); without ctx_init they are the placeholder's embedding. The
-    shallow projection and every deep coupling map text width d to the vision width (each coupling starts as a copy
-    of one nn.Linear initialisation, as the reference's `_get_clones` does); deep text prompts ~ N(0, std^2).
-    """
-    m, depth = shape.n_ctx, shape.depth
-    d, device = placeholder_row.shape[-1], placeholder_row.device
-    if ctx_rows is not None:
-        ctx, frozen = ctx_rows[:m].clone(), ctx_rows[m:].clone()
-    else:
-        ctx = torch.randn(m, d, device=device) * std
-        frozen = placeholder_row.expand(n_ctx - m, d).clone()
-    proj = nn.Linear(d, vision_width, device=device)
-    coupling = nn.Linear(d, vision_width, device=device)
-    tensors = {"ctx": ctx, "proj_weight": proj.weight.detach(), "proj_bias": proj.bias.detach()}
-    for i in range(1, depth):
-        tensors[f"deep_text_{i}"] = torch.randn(m, d, device=device) * std
-    for i in range(1, depth):
-        tensors[f"coupling_{i}_weight"] = coupling.weight.detach().clone()
-        tensors[f"coupling_{i}_bias"] = coupling.bias.detach().clone()
-    return tensors, frozen
 
 
 def clip_parts(model: nn.Module) -> tuple[list[nn.Module], nn.Module, list[nn.Module]]:
@@ -92,16 +57,23 @@ class DeepPromptLayer(ContextPromptLayer):
     """A prompt layer some of whose adapters are MaPLe deep prompts. Subclasses implement `deep_shape(name)` (None for
     an adapter without deep prompts) and `deep_value(name, key)` (the tensor the hooks read, train/eval aware)."""
 
-    def __init__(self, base_layer: nn.Module) -> None:
+    def __init__(self, base_layer: nn.Module, vision_width: int | None = None) -> None:
         super().__init__(base_layer)
+        self.vision_width = vision_width  # of the CLIP vision tower the visual prompts enter
         self._prompt_rows: torch.Tensor | None = None  # rows of the current text batch in prompt format
-        self._deep_hooks: list = []  # handles of the hooks on other CLIP modules
 
     def deep_shape(self, adapter_name: str) -> DeepPromptShape | None:
         raise NotImplementedError
 
     def deep_value(self, adapter_name: str, key: str) -> torch.Tensor:
         raise NotImplementedError
+
+    def visual_prompt_terms(self, adapter_name: str, depth: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(text prompt, weight, bias) of the Linear that gives the m visual prompts of vision depth `depth`:
+        proj(ctx) at 0, coupling_i(deep text prompt i) at i >= 1."""
+        text, linear = ("ctx", "proj") if depth == 0 else (f"deep_text_{depth}", f"coupling_{depth}")
+        value = self.deep_value
+        return value(adapter_name, text), value(adapter_name, f"{linear}_weight"), value(adapter_name, f"{linear}_bias")
 
     def deep_adapter(self) -> str | None:
         """The active adapter if it has deep prompts and the layer is enabled and unmerged, else None."""
@@ -127,100 +99,100 @@ class DeepPromptLayer(ContextPromptLayer):
         super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
 
-def _replace_hidden(args, kwargs, hidden):
+def _hidden(args, kwargs) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(args, kwargs, hidden):
     if args:
         return (hidden, *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": hidden}
 
 
-def _hidden(args, kwargs):
-    return args[0] if args else kwargs["hidden_states"]
+class DeepPromptHook:
+    """Base of the deep-prompt hooks: a callable bound to the `DeepPromptLayer` whose tensors it writes and to the
+    encoder depth it serves. The layer is a module of the same model, so `copy.deepcopy` of the model copies the hook
+    bound to the copy's layer (a closure would keep reading the original's)."""
+
+    def __init__(self, layer: DeepPromptLayer, depth: int) -> None:
+        self.layer, self.depth = layer, depth
+
+    def active(self) -> tuple[str | None, DeepPromptShape | None]:
+        """(adapter, shape) when the active adapter has deep prompts reaching this depth, else (None, None)."""
+        name = self.layer.deep_adapter()
+        shape = self.layer.deep_shape(name) if name else None
+        return (name, shape) if shape is not None and self.depth < shape.depth else (None, None)
 
 
-def install_hooks(layer: DeepPromptLayer, model: nn.Module) -> None:
-    """Registers the deep-prompt hooks for `layer` (once); handles are kept on the layer for `remove_hooks`."""
-    if layer._deep_hooks:
-        return
-    text_layers, vision_embeddings, vision_layers = clip_parts(model)
+class VisionPromptTokens(DeepPromptHook):
+    """Forward hook of the vision embeddings: appends the m visual prompts proj(ctx)."""
 
-    def active_at(i):
-        name = layer.deep_adapter()
-        shape = layer.deep_shape(name) if name else None
-        return (name, shape) if shape is not None and i < shape.depth else (None, None)
-
-    def text_hook(i):
-        def hook(module, args, kwargs):
-            name, shape = active_at(i)
-            rows = layer._prompt_rows
-            if name is None or rows is None:
-                return None
-            hidden = _hidden(args, kwargs)
-            start = layer.slots(name).start
-            end = start + shape.n_ctx
-            if hidden.shape[1] < end:
-                return None  # rows without the placeholder keep their states through `where` (no data-dependent exit)
-            prompt = layer.deep_value(name, f"deep_text_{i}").to(hidden.dtype)
-            mixed = torch.where(rows[:, None, None], prompt.expand(hidden.shape[0], -1, -1), hidden[:, start:end])
-            return _replace_hidden(args, kwargs, torch.cat([hidden[:, :start], mixed, hidden[:, end:]], dim=1))
-        return hook
-
-    def vision_embed_hook(module, args, output):
-        name, _ = active_at(0)
+    def __call__(self, module, args, output):
+        name, _ = self.active()
         if name is None:
             return None
-        tokens = nn.functional.linear(layer.deep_value(name, "ctx"), layer.deep_value(name, "proj_weight"),
-                                      layer.deep_value(name, "proj_bias"))
-        return torch.cat([output, tokens.to(output.dtype).expand(output.shape[0], -1, -1)], dim=1)
+        tokens = nn.functional.linear(*self.layer.visual_prompt_terms(name, 0)).to(output.dtype)
+        return torch.cat([output, tokens.expand(output.shape[0], -1, -1)], dim=1)
 
-    def vision_hook(i):
-        def hook(module, args, kwargs):
-            name, shape = active_at(i)
-            if name is None:
-                return None
-            hidden = _hidden(args, kwargs)
-            m = shape.n_ctx
-            tokens = nn.functional.linear(layer.deep_value(name, f"deep_text_{i}"),
-                                          layer.deep_value(name, f"coupling_{i}_weight"),
-                                          layer.deep_value(name, f"coupling_{i}_bias")).to(hidden.dtype)
-            return _replace_hidden(args, kwargs,
-                                   torch.cat([hidden[:, :-m], tokens.expand(hidden.shape[0], -1, -1)], dim=1))
-        return hook
 
-    handles = [vision_embeddings.register_forward_hook(vision_embed_hook)]
+class DeepTextPrompt(DeepPromptHook):
+    """Forward pre-hook of text encoder layer `depth`: writes deep text prompt `depth` at the m context positions of
+    the prompt-format rows (read from the layer, which found them in this forward's input_ids)."""
+
+    def __call__(self, module, args, kwargs):
+        name, shape = self.active()
+        rows = self.layer._prompt_rows
+        if name is None or rows is None:
+            return None
+        hidden = _hidden(args, kwargs)
+        start = self.layer.slots(name).start
+        end = start + shape.n_ctx
+        if hidden.shape[1] < end:
+            return None  # rows without the placeholder keep their states through `where` (no data-dependent exit)
+        prompt = self.layer.deep_value(name, f"deep_text_{self.depth}").to(hidden.dtype)
+        mixed = torch.where(rows[:, None, None], prompt.expand(hidden.shape[0], -1, -1), hidden[:, start:end])
+        return _with_hidden(args, kwargs, torch.cat([hidden[:, :start], mixed, hidden[:, end:]], dim=1))
+
+
+class DeepVisionPrompt(DeepPromptHook):
+    """Forward pre-hook of vision encoder layer `depth`: the last m tokens <- coupling_depth(deep text prompt)."""
+
+    def __call__(self, module, args, kwargs):
+        name, shape = self.active()
+        if name is None:
+            return None
+        hidden = _hidden(args, kwargs)
+        tokens = nn.functional.linear(*self.layer.visual_prompt_terms(name, self.depth)).to(hidden.dtype)
+        prompts = tokens.expand(hidden.shape[0], -1, -1)
+        return _with_hidden(args, kwargs, torch.cat([hidden[:, :-shape.n_ctx], prompts], dim=1))
+
+
+def deep_prompt_hooks(layer: DeepPromptLayer, model: nn.Module) -> list:
+    """Registers the deep-prompt hooks of `layer` on both towers of `model`; returns their handles."""
+    text_layers, vision_embeddings, vision_layers = clip_parts(model)
+    handles = [vision_embeddings.register_forward_hook(VisionPromptTokens(layer, 0))]
     for i in range(1, len(text_layers)):
-        handles.append(text_layers[i].register_forward_pre_hook(text_hook(i), with_kwargs=True))
+        handles.append(text_layers[i].register_forward_pre_hook(DeepTextPrompt(layer, i), with_kwargs=True))
     for i in range(1, len(vision_layers)):
-        handles.append(vision_layers[i].register_forward_pre_hook(vision_hook(i), with_kwargs=True))
-    layer._deep_hooks = handles
-
-
-def remove_hooks(layer: DeepPromptLayer) -> None:
-    for handle in layer._deep_hooks:
-        handle.remove()
-    layer._deep_hooks = []
+        handles.append(vision_layers[i].register_forward_pre_hook(DeepVisionPrompt(layer, i), with_kwargs=True))
+    return handles
 
 
 class DeepPromptTuner(ContextPromptTuner):
     """Base of the tuners whose adapters may carry deep prompts: checks the depth before anything is replaced,
-    installs the hooks after injection, refuses to merge them and removes the hooks on unload."""
-
-    def _has_deep_prompts(self, config) -> bool:
-        return True
+    attaches the hooks after injection and refuses to merge them (`ContextPromptTuner` detaches them on unload)."""
 
     def _vision_width(self) -> int | None:
         return vision_width(self.model)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
-        config = self.peft_config[adapter_name]
-        deep = self._has_deep_prompts(config)
-        if deep:
-            check_depth(model, config.prompt_depth)  # before anything is replaced
-            if config.maple_n_ctx > config.n_ctx:
-                raise ValueError(f"maple_n_ctx={config.maple_n_ctx} exceeds n_ctx={config.n_ctx}.")
+        config: DeepPromptConfig = self.peft_config[adapter_name]
+        if config.deep_prompts:
+            check_depth(model, config.prompt_depth)  # before anything is replaced (m <= n: the config checks it)
         super().inject_adapter(model, adapter_name, *args, **kwargs)
-        if deep:
+        if config.deep_prompts:
             for layer in self._deep_layers():
-                install_hooks(layer, model)
+                layer.attach_hooks(deep_prompt_hooks, model)
 
     def _deep_layers(self) -> list[DeepPromptLayer]:
         return [layer for _, layer in unwrap_to_tuner_layers(self.model, self.tuner_layer_cls)]
@@ -233,7 +205,5 @@ class DeepPromptTuner(ContextPromptTuner):
                 names = adapter_names or [n for n in layer.active_adapters if layer.has_adapter(n)]
                 if any(layer.deep_shape(n) is not None for n in names if layer.has_adapter(n)):
                     layer.merge(adapter_names=names)  # raises the deep-prompt error before anything changes
-        for layer in self._deep_layers():
-            remove_hooks(layer)
         return super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=safe_merge,
                                                     adapter_names=adapter_names)

@@ -16,6 +16,7 @@ form and `merge` refuses it.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +98,7 @@ class ContextPromptLayer(nn.Module, BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
         self._merged_rows: dict[str, tuple[slice, torch.Tensor]] = {}
+        self._model_hooks: list = []  # handles of the hooks this layer's method keeps on other modules of the model
 
     # -- to implement ---------------------------------------------------------------------------------------------
     def has_adapter(self, adapter_name: str) -> bool:
@@ -135,6 +137,18 @@ class ContextPromptLayer(nn.Module, BaseTunerLayer):
                         container[adapter_name]) else container[adapter_name].parameters())
                 ):
                     container[adapter_name] = container[adapter_name].to(device)
+
+    def attach_hooks(self, register: Callable[[ContextPromptLayer, nn.Module], list], model: nn.Module) -> None:
+        """Hooks other modules of `model` for this layer once: `register(self, model)` registers hook objects bound
+        to this layer (so a deep copy of the model is hooked to the copy's layer) and returns their handles."""
+        if not self._model_hooks:
+            self._model_hooks = register(self, model)
+
+    def detach_hooks(self) -> None:
+        """Removes the hooks `attach_hooks` registered."""
+        for handle in self._model_hooks:
+            handle.remove()
+        self._model_hooks = []
 
     def _active_prompt_adapter(self) -> str | None:
         active = [name for name in self.active_adapters if self.has_adapter(name)]

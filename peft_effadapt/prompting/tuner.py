@@ -154,6 +154,14 @@ class ContextPromptTuner(ValidatedLoadMixin, BaseTuner):
             if isinstance(param, nn.Parameter):
                 param.requires_grad_(False)
 
+    def _unload_and_optionally_merge(self, *args, **kwargs):
+        """peft's unload; then the hooks the prompt layers kept on other modules (deep prompts, CoCoOp) go too."""
+        layers = [layer for _, layer in unwrap_to_tuner_layers(self.model, self.tuner_layer_cls)]
+        model = super()._unload_and_optionally_merge(*args, **kwargs)
+        for layer in layers:
+            layer.detach_hooks()
+        return model
+
     # -- inspection -----------------------------------------------------------------------------------------------
     def prompt_layer(self) -> ContextPromptLayer:
         layers = [m for _, m in unwrap_to_tuner_layers(self.model, self.tuner_layer_cls)]

@@ -7,7 +7,7 @@ callbacks (`trainer.py`). Methods: `csgd/` (Centripetal SGD) and `resrep/` (ResR
 
 from .config import PruningConfig
 from .csgd import CentripetalSGDCallback, CSGDConfig, csgd_param_groups
-from .flops import FlopsModel, count_flops, round_to, widths_for_flops
+from .flops import FlopsModel, aligned_multiple, count_flops, round_to, width_multiple, widths_for_flops
 from .groups import GROUP_FAMILIES, ChannelGroup, find_channel_groups, select_groups
 from .plan import PLAN_NAME, GroupPlan, SlimmingPlan, l1_scores, plan_from_widths
 from .resrep import ResRepCallback, ResRepCompactor, ResRepConfig, resrep_param_groups
@@ -29,6 +29,7 @@ __all__ = [
     "ResRepCompactor",
     "ResRepConfig",
     "SlimmingPlan",
+    "aligned_multiple",
     "applied_plan",
     "apply_plan",
     "count_flops",
@@ -41,5 +42,6 @@ __all__ = [
     "round_to",
     "save_slimmed",
     "select_groups",
+    "width_multiple",
     "widths_for_flops",
 ]

@@ -6,6 +6,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
+from torch import nn
+
+from .flops import check_round_to, width_multiple
 from .groups import GROUP_FAMILIES, ChannelGroup
 
 
@@ -14,21 +17,24 @@ class PruningConfig:
     """Options common to C-SGD and ResRep.
 
     Args:
-        groups: which channel groups to prune: "internal" (layers inside blocks / MLPs), "streams" (residual streams
+        groups: Which channel groups to prune: "internal" (layers inside blocks / MLPs), "streams" (residual streams
             and the stem), "all", a list of glob patterns on group names / producer paths, or a list of
             `ChannelGroup`.
-        round_to: keep every pruned width a multiple of this (or the full width); None or 1 = any width.
-        slim_on_train_end: slim the model in place when `Trainer.train()` ends.
-        check_equivalence, equivalence_tol: compare eval outputs of the unslimmed (converted) and the slimmed model;
-            the allowed change is `equivalence_tol * max(1, max |output|)`.
-        save_dir: where the main process writes the slimmed model (`save_slimmed`) after slimming on train end; a
+        round_to: Keep every pruned width a multiple of this int (or the full width); `"auto"`: the multiple that
+            suits the device the model is on when the widths are chosen (`aligned_multiple`: 8 on CUDA, 16 on CPU);
+            None or 1: any width. FLOPs targets are met with the rounded widths.
+        slim_on_train_end: Slim the model in place when `Trainer.train()` ends.
+        check_equivalence: Compare the eval outputs of the unslimmed (converted) and the slimmed model before keeping
+            the slimmed one.
+        equivalence_tol: The allowed change of that check is `equivalence_tol * max(1, max |output|)`.
+        save_dir: Where the main process writes the slimmed model (`save_slimmed`) after slimming on train end; a
             relative path is taken inside `TrainingArguments.output_dir`; None = do not save.
-        allow_adaptive_optimizer: accept Adam-type optimizers (refused by default: per-element step sizes change the
+        allow_adaptive_optimizer: Accept Adam-type optimizers (refused by default: per-element step sizes change the
             method's regulariser; see each method).
     """
 
     groups: str | list = "all"
-    round_to: int | None = None
+    round_to: int | str | None = None
     slim_on_train_end: bool = True
     check_equivalence: bool = True
     equivalence_tol: float = 1e-5
@@ -46,9 +52,7 @@ class PruningConfig:
         elif self.groups not in GROUP_FAMILIES:
             raise ValueError(f"groups must be one of {GROUP_FAMILIES}, a list of glob patterns or of ChannelGroup; "
                              f"got {self.groups!r}.")
-        if self.round_to is not None and (isinstance(self.round_to, bool) or not isinstance(self.round_to, int)
-                                          or self.round_to < 1):
-            raise ValueError(f"round_to must be a positive int or None, got {self.round_to!r}.")
+        check_round_to(self.round_to)
         check_number("equivalence_tol", self.equivalence_tol, low=0.0)
         if self.save_dir is not None and not isinstance(self.save_dir, str):
             self.save_dir = str(self.save_dir)
@@ -56,10 +60,9 @@ class PruningConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
 
-    @property
-    def multiple(self) -> int | None:
-        """`round_to` when it constrains widths (> 1), else None."""
-        return self.round_to if self.round_to and self.round_to > 1 else None
+    def multiple(self, model: nn.Module) -> int | None:
+        """The width multiple for `model` (`round_to` resolved on the model's device), None when widths are free."""
+        return width_multiple(self.round_to, model)
 
     def to_dict(self) -> dict:
         """JSON-ready fields (groups given as `ChannelGroup` are stored with `to_dict`): constructor keyword args."""

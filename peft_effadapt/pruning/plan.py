@@ -12,18 +12,26 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..validation import VERSION_KEY, fields_to_drop, installed_version, newer_fields_warning, writer_version
 from .flops import round_to as _round_to
+from .flops import width_multiple
 from .groups import ChannelGroup
 
 PLAN_NAME = "slimming_plan.json"
 FORMAT_VERSION = 1
+# plans written before `peft_effadapt_version` was recorded name their writer `library_version`
+_VERSION_KEYS = (VERSION_KEY, "library_version")
+_PLAN_KEYS = frozenset({"format_version", "library", *_VERSION_KEYS, "method", "base_model", "round_to", "metadata",
+                        "groups"})
+_GROUP_KEYS = frozenset({*(f.name for f in fields(ChannelGroup)), "keep", "width", "clusters"})
 
 
 @dataclass
@@ -90,12 +98,10 @@ class SlimmingPlan:
                                  f"round_to={self.round_to} (nor its full size {plan.group.size}).")
 
     def to_dict(self) -> dict:
-        from .. import __version__
-
         return {
             "format_version": FORMAT_VERSION,
             "library": "peft_effadapt",
-            "library_version": __version__,
+            VERSION_KEY: installed_version(),
             "method": self.method,
             "base_model": self.base_model,
             "round_to": self.round_to,
@@ -105,14 +111,25 @@ class SlimmingPlan:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping) -> SlimmingPlan:
+    def from_dict(cls, data: Mapping, source: str = "Slimming plan") -> SlimmingPlan:
+        """Reads a plan written by `to_dict`. Fields a newer peft_effadapt added are dropped with one warning;
+        unknown fields from this or an older version raise ValueError naming the closest known one."""
         version = data.get("format_version")
         if version != FORMAT_VERSION:
             raise ValueError(f"Unsupported slimming plan format_version {version!r} (this library reads "
                              f"{FORMAT_VERSION}).")
+        writer = writer_version(data, source, _VERSION_KEYS)
+        entries = [dict(entry) for entry in data["groups"]]
+        dropped = fields_to_drop(data, _PLAN_KEYS, source, "SlimmingPlan", writer)
+        dropped_in_groups = fields_to_drop({key for entry in entries for key in entry}, _GROUP_KEYS, source,
+                                           "a slimming plan group", writer)
+        if dropped or dropped_in_groups:
+            warnings.warn(newer_fields_warning(dropped + [f"groups[].{key}" for key in dropped_in_groups], source,
+                                               writer), UserWarning, stacklevel=2)
         groups = []
-        for entry in data["groups"]:
-            entry = dict(entry)
+        for entry in entries:
+            for key in dropped_in_groups:
+                entry.pop(key, None)
             keep, clusters = [int(i) for i in entry.pop("keep")], entry.pop("clusters", None)
             entry.pop("width", None)
             groups.append(GroupPlan(ChannelGroup.from_dict(entry), keep,
@@ -132,7 +149,7 @@ class SlimmingPlan:
         path = Path(directory) / PLAN_NAME
         if not path.is_file():
             raise FileNotFoundError(f"No {PLAN_NAME} in {directory}: not a slimmed-model folder.")
-        return cls.from_dict(json.loads(path.read_text()))
+        return cls.from_dict(json.loads(path.read_text()), source=f"Slimming plan {path}")
 
     def then(self, later: SlimmingPlan) -> SlimmingPlan:
         """The single plan equal to applying `self` and then `later` (whose indices count the slimmed channels)."""
@@ -156,11 +173,28 @@ class SlimmingPlan:
 
 
 def plan_from_widths(model: nn.Module, groups: Sequence[ChannelGroup], widths: Mapping[str, int], *,
-                     scores: Mapping[str, torch.Tensor] | None = None, round_to: int | None = None,
-                     method: str | None = None) -> SlimmingPlan:
-    """Keeps, per group, the `widths[name]` channels with the largest score (default: L1 norm of the producers'
-    output rows, summed over the group's producers — magnitude pruning). With `round_to`, widths are first rounded up
-    to a multiple (never above the group size)."""
+                     scores: Mapping[str, torch.Tensor] | None = None, round_to: int | str | None = None,
+                     method: str | None = None, device: str | torch.device | None = None) -> SlimmingPlan:
+    """Keeps, per group, the `widths[name]` channels with the largest score (magnitude pruning).
+
+    Args:
+        model: the unslimmed model.
+        groups: its channel groups (`find_channel_groups`).
+        widths: `{group name: width}`.
+        scores: per-group channel scores (default: `l1_scores`, the L1 norm of the producers' output rows).
+        round_to: widths are first rounded *up* to a multiple of this int (never above the group size); `"auto"`:
+            `aligned_multiple(device)` (8 on CUDA). Rounding up adds FLOPs: to keep a FLOPs budget choose the widths
+            with the same `round_to` (`widths_for_flops`), so they are multiples already.
+        method: recorded in the plan.
+        device: where the slimmed model will run, for `round_to="auto"` (default: the device of `model`).
+
+    Returns:
+        The validated `SlimmingPlan` (its `round_to` is the resolved multiple).
+
+    Raises:
+        ValueError: unknown group names, a width outside [1, group size], or a bad `round_to`.
+    """
+    round_to = width_multiple(round_to, model, device)
     by_name = {g.name: g for g in groups}
     unknown = set(widths) - set(by_name)
     if unknown:

@@ -17,8 +17,23 @@ CONFIG_MIRROR = "peft_effadapt_slimming"
 
 
 def save_slimmed(model: nn.Module, plan: SlimmingPlan | None, directory: str | os.PathLike) -> Path:
-    """Writes `model.safetensors` (+ `config.json` for HF models, which also gets a short mirror of the plan under
-    `peft_effadapt_slimming`) and `slimming_plan.json`. `plan=None` uses the plan recorded by `apply_plan`."""
+    """Saves a slimmed model with its slimming plan, so that [`load_slimmed`] rebuilds it exactly.
+
+    Writes `model.safetensors` (+ `config.json` for HF models, which also gets a short mirror of the plan under
+    `peft_effadapt_slimming`) and `slimming_plan.json`.
+
+    Args:
+        model (nn.Module): The slimmed model.
+        plan (SlimmingPlan | None): The plan it was slimmed with; None uses the plan recorded by `apply_plan` (and
+            by the pruning callbacks).
+        directory (str | os.PathLike): Folder to write (created if missing).
+
+    Returns:
+        Path: The folder written.
+
+    Raises:
+        ValueError: No plan given or recorded, or a plan that differs from the recorded one.
+    """
     from safetensors.torch import save_file
 
     recorded = applied_plan(model)
@@ -51,13 +66,34 @@ def save_slimmed(model: nn.Module, plan: SlimmingPlan | None, directory: str | o
 
 
 def load_slimmed(directory: str | os.PathLike, model_class=None, *, revision: str | None = None,
-                 **kwargs) -> nn.Module:
-    """Rebuilds the slimmed model saved by `save_slimmed` (a folder, or a Hub repo id pushed with
-    `peft_effadapt.hub.push_slimmed_model_to_hub`): the stock architecture from `config.json` (class from
-    `config.architectures` unless `model_class` is given), the plan applied, every tensor shape checked against
-    `model.safetensors`, then a strict load. For plain torch models pass `model_class` as a zero-argument factory
-    of the unslimmed model. Returns the model in eval mode; raises before loading anything if plan and weights do
-    not match. `ignore_mismatched_sizes` is refused (it would re-initialise pruned layers silently)."""
+                 device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
+                 channels_last: bool | None = None, **kwargs) -> nn.Module:
+    """Rebuilds a slimmed model saved by [`save_slimmed`] and places it for inference.
+
+    The stock architecture from `config.json` (class from `config.architectures` unless `model_class` is given), the
+    plan applied, every tensor shape checked against `model.safetensors`, then a strict load.
+    `ignore_mismatched_sizes` is refused (it would re-initialise pruned layers silently).
+
+    Args:
+        directory (str | os.PathLike): A folder, or a Hub repo id pushed with
+            `peft_effadapt.hub.push_slimmed_model_to_hub`.
+        model_class (optional): The model class; for plain torch models a zero-argument factory of the unslimmed model.
+        revision (str | None): Hub revision of a repo id.
+        device: Where the model goes (default: CPU).
+        dtype: A floating dtype to cast to, e.g. `torch.bfloat16` or `"bfloat16"` (default: as saved).
+        channels_last (bool | None): Store 4-D conv weights channels-last (NHWC), the layout of cuDNN's tensor-core
+            convolutions. Default (None): True for a model with 2-D convolutions on CUDA, else False.
+        **kwargs: None are taken; `ignore_mismatched_sizes=True` is refused with a clear error.
+
+    Returns:
+        nn.Module: The slimmed model in eval mode.
+
+    Raises:
+        ValueError: A bad `device` / `dtype` / `channels_last` (before anything is read), plan and weights that do
+            not match (before anything is loaded), no known architecture, or `ignore_mismatched_sizes=True`.
+        FileNotFoundError: No `model.safetensors` in the folder.
+        TypeError: An unknown keyword argument.
+    """
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -66,6 +102,7 @@ def load_slimmed(directory: str | os.PathLike, model_class=None, *, revision: st
                          "describe these weights, and re-initialising them would silently destroy the model.")
     if kwargs:
         raise TypeError(f"load_slimmed got unexpected arguments {sorted(kwargs)}.")
+    device, dtype = _placement(device, dtype, channels_last)
     if not Path(directory).is_dir():
         from huggingface_hub import hf_hub_download
         from huggingface_hub.utils import EntryNotFoundError
@@ -95,7 +132,36 @@ def load_slimmed(directory: str | os.PathLike, model_class=None, *, revision: st
         shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} in all)" if len(problems) > 8 else "")
         raise ValueError(f"{PLAN_NAME} in {directory} does not match {WEIGHTS_NAME}: {shown}.")
     model.load_state_dict(load_file(str(weights)), strict=True)
+    model.to(device=device, dtype=dtype)
+    if channels_last is None:
+        channels_last = device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     return model.eval()
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def _placement(device, dtype, channels_last) -> tuple[torch.device, torch.dtype | None]:
+    """`load_slimmed`'s device (a `torch.device`, CPU by default) and dtype (None: as saved), checked."""
+    try:
+        device = torch.device("cpu" if device is None else device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"load_slimmed: device={device!r} is not a torch device (e.g. 'cuda', 'cuda:1', 'cpu')."
+                         ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"load_slimmed: device={str(device)!r}, but CUDA is not available here.")
+    if isinstance(dtype, str):
+        if dtype.removeprefix("torch.") not in _DTYPES:
+            raise ValueError(f"load_slimmed: dtype={dtype!r} is not one of {sorted(_DTYPES)}.")
+        dtype = _DTYPES[dtype.removeprefix("torch.")]
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise ValueError(f"load_slimmed: dtype must be a floating torch.dtype or its name, got {dtype!r}.")
+    if channels_last is not None and not isinstance(channels_last, bool):
+        raise ValueError(f"load_slimmed: channels_last must be True, False or None (automatic), got "
+                         f"{channels_last!r}.")
+    return device, dtype
 
 
 def _build(directory: Path, model_class) -> nn.Module:

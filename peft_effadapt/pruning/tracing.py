@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .channel_group import ChannelGroup
+
 # ops that carry channels unchanged, elementwise (unary, or with scalars / broadcast tensors)
 _ELEMENTWISE = {
     "relu", "relu_", "relu6", "hardtanh", "hardtanh_", "gelu", "gelu_", "silu", "silu_", "sigmoid", "sigmoid_",
@@ -100,13 +102,11 @@ class _Spaces:
         table.setdefault(space, []).append(item)
 
 
-def trace_channel_groups(model: nn.Module, example_inputs=None) -> list:
+def trace_channel_groups(model: nn.Module, example_inputs=None) -> list[ChannelGroup]:
     """Coupled-channel groups of `model` found over its `torch.export` graph (eval mode, no grad); see the module
     docstring for the rules. `example_inputs`: a tensor, tuple of positional inputs or dict of keyword inputs
     (default: one image from the HF config, or from the first conv/linear's input width). Returns only groups that
     some layer reads or that are refused (with the reason in `meta["unprunable"]`)."""
-    from .groups import ChannelGroup
-
     program = _export(model, example_inputs)
     graph, signature = program.graph_module.graph, program.graph_signature
     fqn_of = {**signature.inputs_to_parameters, **signature.inputs_to_buffers,

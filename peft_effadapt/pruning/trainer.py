@@ -4,6 +4,7 @@ comparison of the slimming check, resume of callback state, and `PruningCallback
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -119,15 +120,37 @@ def check_inputs_for(model: nn.Module, inputs):
 
 
 @torch.no_grad()
+@contextlib.contextmanager
+def own_precision(model: nn.Module):
+    """Runs `model` in its own dtype for the duration, autocast off. A `Trainer` run in bf16/fp16 leaves the model's
+    forward wrapped by accelerate in an autocast context (the instance attribute `forward`, the original kept as
+    `_original_forward`), which an outer `torch.autocast(enabled=False)` cannot switch off; the original forward is
+    put back for the duration, so hooks still run through `nn.Module.__call__`."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    original = model.__dict__.get("_original_forward")
+    wrapped = model.__dict__.get("forward")
+    if original is not None and wrapped is not None:
+        model.forward = original
+    try:
+        with torch.autocast(device.type, enabled=False):
+            yield
+    finally:
+        if original is not None and wrapped is not None:
+            model.forward = wrapped
+
+
 def model_output(model: nn.Module, inputs) -> torch.Tensor:
-    """The tensor both methods compare: `logits` of an HF output, else the (first) output tensor."""
+    """The tensor both methods compare: `logits` of an HF output, else the (first) output tensor. Computed in the
+    model's own dtype (`own_precision`), so a check at the end of a mixed-precision `Trainer` run compares fp32
+    outputs, not their bf16 rounding."""
     inputs = check_inputs_for(model, inputs)
-    if isinstance(inputs, Mapping):
-        out = model(**inputs)
-    elif isinstance(inputs, (tuple, list)):
-        out = model(*inputs)
-    else:
-        out = model(inputs)
+    with own_precision(model):
+        if isinstance(inputs, Mapping):
+            out = model(**inputs)
+        elif isinstance(inputs, (tuple, list)):
+            out = model(*inputs)
+        else:
+            out = model(inputs)
     if isinstance(out, torch.Tensor):
         return out
     logits = getattr(out, "logits", None)

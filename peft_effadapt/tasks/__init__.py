@@ -10,7 +10,6 @@ from .classification import (
     harmonic_mean,
     sigmoid_loss,
 )
-from .loading import CLIPWithData, load_clip, load_clip_with_data
 from .pipeline import zero_shot_pipeline_kwargs
 from .retrieval import (
     CLIPVideoRetrieval,
@@ -22,9 +21,6 @@ from .retrieval import (
 )
 
 __all__ = [
-    "CLIPWithData",
-    "load_clip",
-    "load_clip_with_data",
     "CLIPClassifierOutput",
     "CLIPZeroShotClassifier",
     "accuracy",

@@ -55,13 +55,35 @@ class CLIPZeroShotClassifier(nn.Module):
     `forward(pixel_values, labels=None)` returns `loss` (cross-entropy) and `logits` = exp(logit_scale) * cos, so the
     classifier trains under `transformers.Trainer`. On a `SiglipModel` the head is SigLIP's own: `logits` =
     exp(logit_scale) * cos + logit_bias and `loss` is its sigmoid loss on one-hot labels (`sigmoid_loss`); prompts
-    follow SigLIP's layout (no BOS, "X*n {name}{suffix} </s>" padded to max_length, no attention mask). Text features are cached in eval mode and recomputed whenever
-    the class names, any text-tower or adapter parameter (in-place updates, loads), the active adapter, the
-    disabled state or the merge state change.
+    follow SigLIP's layout (no BOS, "X*n {name}{suffix} </s>" padded to max_length, no attention mask). Text features
+    are cached in eval mode and recomputed whenever the class names, any text-tower or adapter parameter (in-place
+    updates, loads), the active adapter, the disabled state or the merge state change.
+    `set_class_names(names)` switches to other classes (e.g. the novel ones).
 
-    Tokenizer-free use (tests, custom vocabularies): pass `class_token_ids` (ids of "{name}{suffix}" per class),
-    `template_token_ids` (ids of the template's words before the class, for the zero-shot prompts) and
-    `special_token_ids=(bos, eos, pad)` (SigLIP: bos is ignored, give None).
+    Args:
+        model (nn.Module): A `CLIPModel` / `SiglipModel`, or a PeftModel around one.
+        tokenizer (optional): The model's tokenizer; not needed with the token-id arguments below.
+        class_names (Sequence[str] | None): The classes, in label order.
+        template (str): The zero-shot prompt, used without an active prompt adapter.
+        class_token_ids (list[list[int]] | None): Tokenizer-free use (tests, custom vocabularies): ids of
+            "{name}{suffix}" per class.
+        template_token_ids (list[int] | None): Ids of the template's words before the class (zero-shot prompts).
+        special_token_ids (tuple[int, int, int] | None): `(bos, eos, pad)`; SigLIP: bos is ignored, give None.
+
+    Raises:
+        TypeError: The model is not a CLIP or SigLIP model (e.g. a ViT).
+        ValueError: Neither a tokenizer nor token ids.
+
+    Example:
+        ```python
+        import torch
+        from peft_effadapt import CLIPZeroShotClassifier
+        from peft_effadapt.testing import load_tiny_clip
+
+        clip, processor = load_tiny_clip()
+        classifier = CLIPZeroShotClassifier(clip, processor.tokenizer, ["circle", "square", "star"])
+        print(classifier(torch.randn(2, 3, 32, 32)).logits.shape)  # (2, 3)
+        ```
     """
 
     def __init__(
@@ -215,23 +237,48 @@ class CLIPZeroShotClassifier(nn.Module):
             for m in self.model.modules() if isinstance(m, ContextPromptLayer))
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs) -> CLIPClassifierOutput:
-        clip = self.clip
         if self._image_conditioned():
-            batch = self.prompts()
-            device = self._text_params()[-1].device
-            logits = self.model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                                pixel_values=pixel_values).logits_per_image
+            logits = self.conditioned_logits(pixel_values, *self._prompt_tensors())
         else:
-            image = self.image_features(pixel_values)
-            text = self.text_features().to(image.dtype)
-            logits = clip.logit_scale.exp().to(image.dtype) * image @ text.T
-            if is_siglip(clip):
-                logits = logits + clip.logit_bias.to(image.dtype)
+            logits = self.logits(pixel_values, self.text_features())
+        return self.output(logits, labels)
+
+    def _prompt_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.prompts()
+        device = self._text_params()[-1].device
+        return batch.input_ids.to(device), batch.attention_mask.to(device)
+
+    def logits(self, pixel_values: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """exp(logit_scale) * cos(image, class text features `text`) (+ SigLIP's logit_bias)."""
+        clip = self.clip
+        image = self.image_features(pixel_values)
+        logits = clip.logit_scale.exp().to(image.dtype) * image @ text.to(image.dtype).T
+        return logits + clip.logit_bias.to(image.dtype) if is_siglip(clip) else logits
+
+    def conditioned_logits(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                           attention_mask: torch.Tensor) -> torch.Tensor:
+        """The adapted model's own image-text logits for image-conditioned prompts (CoCoOp)."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                          pixel_values=pixel_values).logits_per_image
+
+    def output(self, logits: torch.Tensor, labels: torch.Tensor | None) -> CLIPClassifierOutput:
         loss = None
         if labels is not None:
             labels = labels.to(logits.device)
-            loss = sigmoid_loss(logits, labels) if is_siglip(clip) else nn.functional.cross_entropy(logits, labels)
+            loss = sigmoid_loss(logits, labels) if is_siglip(self.clip) else nn.functional.cross_entropy(logits, labels)
         return CLIPClassifierOutput(loss=loss, logits=logits)
+
+    def inference_module(self) -> nn.Module:
+        """The classifier as deployed, what `peft_effadapt.compile_for_inference` compiles: the class text features
+        computed once now (for CoOp, RLP, QPrompt and MaPLe the prompt's whole text-side effect) and kept as a
+        constant, so a forward runs the image tower and one matmul; CoCoOp conditions its prompts on the image, so
+        its deployed form keeps the tokenised prompts and runs the adapted model. Build it again after changing
+        class names or the adapter."""
+        self.eval()
+        with torch.no_grad():
+            if self._image_conditioned():
+                return ConditionedPromptClassifier(self, *self._prompt_tensors())
+            return CachedTextClassifier(self, self.text_features())
 
     @torch.no_grad()
     def predict(self, pixel_values: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
@@ -242,6 +289,35 @@ class CLIPZeroShotClassifier(nn.Module):
                               for i in range(0, len(pixel_values), batch_size)])
         finally:
             self.train(was_training)
+
+
+class CachedTextClassifier(nn.Module):
+    """`CLIPZeroShotClassifier` with its class text features fixed (a non-persistent buffer): forward(pixel_values,
+    labels=None) -> CLIPClassifierOutput."""
+
+    def __init__(self, classifier: CLIPZeroShotClassifier, text_features: torch.Tensor) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self.register_buffer("text_features", text_features.detach().clone(), persistent=False)
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs) -> CLIPClassifierOutput:
+        return self.classifier.output(self.classifier.logits(pixel_values, self.text_features), labels)
+
+
+class ConditionedPromptClassifier(nn.Module):
+    """`CLIPZeroShotClassifier` with image-conditioned prompts (CoCoOp) and its tokenised class prompts fixed
+    (non-persistent buffers): forward(pixel_values, labels=None) -> CLIPClassifierOutput."""
+
+    def __init__(self, classifier: CLIPZeroShotClassifier, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self.register_buffer("input_ids", input_ids, persistent=False)
+        self.register_buffer("attention_mask", attention_mask, persistent=False)
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs) -> CLIPClassifierOutput:
+        logits = self.classifier.conditioned_logits(pixel_values, self.input_ids, self.attention_mask)
+        return self.classifier.output(logits, labels)
 
 
 # -- CoOp-protocol evaluation -----------------------------------------------------------------------------------------
@@ -286,9 +362,23 @@ def dataset_accuracy(classifier: CLIPZeroShotClassifier, dataset, to_pixel_value
 def evaluate_base_to_novel(classifier: CLIPZeroShotClassifier, base_test, novel_test, to_pixel_values: Callable, *,
                            label_column: str = "label", image_column: str = "image",
                            batch_size: int = 256) -> dict[str, float]:
-    """CoOp base-to-novel protocol: accuracy on the base test split with only the base class names, on the novel
-    test split with only the novel class names (two separate problems), and their harmonic mean (all in %), by the
-    package's `evaluate` module `base_to_novel`."""
+    """CoOp's base-to-novel protocol.
+
+    Accuracy on the base test split with only the base class names, on the novel test split with only the novel class
+    names (two separate problems), and their harmonic mean, by the package's `evaluate` module `base_to_novel`.
+
+    Args:
+        classifier (CLIPZeroShotClassifier): The classifier to evaluate (its class names are set per split).
+        base_test (datasets.Dataset): The base classes' test split (a `ClassLabel` label column names the classes).
+        novel_test (datasets.Dataset): The novel classes' test split.
+        to_pixel_values (Callable): Images -> `pixel_values` (e.g. the processor's).
+        label_column (str): The label column.
+        image_column (str): The image column.
+        batch_size (int): Images per forward.
+
+    Returns:
+        dict[str, float]: `base`, `novel` and `hm` accuracies, in %.
+    """
     args = (to_pixel_values, label_column, image_column, batch_size)
     (base_pred, base_ref), (novel_pred, novel_ref) = (_dataset_predictions(classifier, split, *args)
                                                       for split in (base_test, novel_test))

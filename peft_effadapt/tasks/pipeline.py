@@ -8,13 +8,24 @@ from ..prompting import ContextPromptConfig, active_prompt_config
 
 
 def zero_shot_pipeline_kwargs(model_or_config: nn.Module | ContextPromptConfig, tokenizer=None) -> dict[str, str]:
-    """Keyword arguments that make `pipeline("zero-shot-image-classification")` use a merged prompt adapter:
-    `{"hypothesis_template": "X X X X {}."}` for n = 4 context tokens, placeholder "X" and suffix ".".
+    """Keyword arguments that make `pipeline("zero-shot-image-classification")` use a merged prompt adapter.
 
-    A merged adapter lives in the position-embedding rows 1..n and is exact only for prompts whose tokens 1..n are
-    the placeholder, which is what this template gives. Call it on the PeftModel (or its config) before
-    `merge_and_unload()`: `pipe(images, candidate_labels=names, **zero_shot_pipeline_kwargs(peft_model))`. With a
-    `tokenizer`, checks that the template really tokenises to n placeholder ids.
+    A merged adapter lives in the position-embedding rows 1..n and is exact only for prompts whose tokens 1..n are the
+    placeholder, which is what the returned template gives. Call it on the PeftModel (or its config) before
+    merge_and_unload(): `pipe(images, candidate_labels=names, **zero_shot_pipeline_kwargs(peft_model))`.
+
+    Args:
+        model_or_config (nn.Module | PeftConfig): The PeftModel with a CoOp/RLP/QPrompt adapter, or its config.
+        tokenizer (optional): With it, the template is checked to tokenise to n placeholder ids.
+
+    Returns:
+        dict[str, str]: `{"hypothesis_template": "X X X X {}."}` for n = 4 context tokens, placeholder "X" and
+        suffix ".".
+
+    Raises:
+        TypeError: Not a prompt adapter (or its config).
+        ValueError: A class-specific context (it cannot merge), unresolved token ids, or a tokenizer that does not
+            give n placeholder ids.
     """
     config = model_or_config if isinstance(model_or_config, ContextPromptConfig) else active_prompt_config(
         model_or_config

@@ -17,6 +17,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from ..metrics import load_metric
+from ..validation.inputs import require
 from .classification import projected_features
 from .clip import clip_of
 
@@ -60,8 +61,9 @@ def stack_videos(videos, video_mask: torch.Tensor | None = None) -> tuple[torch.
     if tuple(video_mask.shape) != (batch, frames):
         raise ValueError(f"video_mask must have shape (batch, frames) = {(batch, frames)}, got "
                          f"{tuple(video_mask.shape)}.")
-    if (video_mask.sum(1) == 0).any():
-        raise ValueError("every video needs at least one real frame (a row of video_mask is all zeros).")
+    # a compile-safe check (no host synchronisation under torch.compile)
+    require((video_mask.sum(1) > 0).all(), "every video needs at least one real frame (a row of video_mask is all "
+            "zeros).")
     return videos, video_mask
 
 
@@ -78,9 +80,16 @@ def symmetric_infonce(logits_per_text: torch.Tensor) -> torch.Tensor:
 
 
 def retrieval_metrics(similarity) -> dict[str, float]:
-    """R@1/5/10 (%), MdR, MnR and R-Sum = R@1 + R@5 + R@10 for text->video (rows of `similarity`, texts × videos,
-    pair i is the truth) and video->text (columns), keys prefixed 't2v_' / 'v2t_': the package's `evaluate` module
-    `text_video_retrieval`."""
+    """Text-video retrieval metrics in both directions.
+
+    Args:
+        similarity (torch.Tensor): Texts × videos similarity matrix; pair i (row i, column i) is the truth.
+
+    Returns:
+        dict[str, float]: R@1/5/10 (%), MdR, MnR and R-Sum = R@1 + R@5 + R@10 for text->video (rows) and
+        video->text (columns), keys prefixed `t2v_` / `v2t_` (computed by the package's `evaluate` module
+        `text_video_retrieval`).
+    """
     sim = similarity.detach().float().cpu().numpy() if torch.is_tensor(similarity) else np.asarray(similarity)
     if sim.ndim != 2 or sim.shape[0] != sim.shape[1]:
         raise ValueError(f"similarity must be a square texts × videos matrix, got shape {sim.shape}.")
@@ -92,8 +101,22 @@ class CLIPVideoRetrieval(nn.Module):
 
     `forward(pixel_values (B, T, C, H, W), input_ids, attention_mask=None, video_mask=None)` returns the symmetric
     InfoNCE `loss` with CLIP's own temperature (exp(logit_scale), at most 100) and the logits, so it trains under
-    `transformers.Trainer`. `video_features` is meanP (CLIP4Clip): masked mean of the normalised per-frame
-    features, normalised again.
+    `transformers.Trainer`. `video_features` is meanP (CLIP4Clip): masked mean of the normalised per-frame features,
+    normalised again. `evaluate(**encoded_videos)` gives [`retrieval_metrics`].
+
+    Args:
+        model (nn.Module): A `CLIPModel`, or a PeftModel around one.
+
+    Example:
+        ```python
+        from peft_effadapt import CLIPVideoRetrieval
+        from peft_effadapt.tasks import encode_video_dataset
+        from peft_effadapt.testing import load_tiny_clip, make_video_dataset
+
+        clip, processor = load_tiny_clip()
+        videos = encode_video_dataset(make_video_dataset(8, seed=0), processor)
+        print(CLIPVideoRetrieval(clip).evaluate(**videos)["t2v_R@1"])  # zero-shot meanP
+        ```
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -116,6 +139,11 @@ class CLIPVideoRetrieval(nn.Module):
         weights = mask.to(per_frame.dtype)[..., None]
         video = (per_frame * weights).sum(1) / weights.sum(1)
         return nn.functional.normalize(video, dim=-1)
+
+    def video_encoder(self) -> VideoEncoder:
+        """A module whose forward is `video_features` (videos -> normalised embeddings), e.g. to encode a video
+        collection offline through `peft_effadapt.compile_for_inference(retrieval.video_encoder())`."""
+        return VideoEncoder(self)
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         feats = projected_features(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
@@ -149,6 +177,18 @@ class CLIPVideoRetrieval(nn.Module):
             return retrieval_metrics(text @ video.T)
         finally:
             self.train(was_training)
+
+
+class VideoEncoder(nn.Module):
+    """The video tower of a `CLIPVideoRetrieval`: forward(pixel_values (B, T, C, H, W), video_mask=None) -> (B, D)
+    normalised video embeddings."""
+
+    def __init__(self, retrieval: CLIPVideoRetrieval) -> None:
+        super().__init__()
+        self.retrieval = retrieval
+
+    def forward(self, pixel_values: torch.Tensor, video_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.retrieval.video_features(pixel_values, video_mask)
 
 
 def encode_video_dataset(dataset, processor, frames_column: str = "frames", caption_column: str = "caption",

@@ -52,6 +52,7 @@ from .evaluation import (  # noqa: E402
     clip_video_retrieval,
     clip_zero_shot_accuracy,
 )
+from .loading import CLIPWithData, load_clip, load_clip_with_data  # noqa: E402
 from .processing import ShapesImageProcessor, ShapesProcessor, dataset_images  # noqa: E402
 from .shapes import ShapeSpec, render  # noqa: E402
 from .splits import base_novel_split, few_shot_split  # noqa: E402
@@ -59,6 +60,7 @@ from .video import make_video_dataset, video_caption  # noqa: E402
 
 __all__ += [
     "CLASSIFICATION_SETS",
+    "CLIPWithData",
     "HELD_OUT_PAIRS",
     "TEMPLATE",
     "ShapeSpec",
@@ -74,6 +76,8 @@ __all__ += [
     "dataset_images",
     "few_shot_split",
     "full_caption",
+    "load_clip",
+    "load_clip_with_data",
     "harmonic_mean",
     "load_source_classifier",
     "load_tiny_clip",

@@ -12,8 +12,10 @@ from .tensors import (
     check_loaded_like_model,
     check_saved_modules_complete,
 )
+from .versions import VERSION_KEY, fields_to_drop, installed_version, newer_fields_warning, writer_version
 
 __all__ = [
+    "VERSION_KEY",
     "AdapterFile",
     "SavedTensor",
     "check_adapter_tensors",
@@ -23,6 +25,10 @@ __all__ = [
     "check_loaded_like_model",
     "check_saved_module_keys",
     "check_saved_modules_complete",
+    "fields_to_drop",
+    "installed_version",
+    "newer_fields_warning",
     "read_adapter_file",
     "read_config_json",
+    "writer_version",
 ]

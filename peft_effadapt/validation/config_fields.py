@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import enum
 import json
 import math
 import os
 import types
 import typing
+
+from .versions import fields_to_drop, writer_version
 
 MAX_CONFIG_BYTES = 16 * 2**20  # a PEFT adapter_config.json is a few KB; refuse anything absurdly large
 _INT64 = 2**63
@@ -43,21 +44,19 @@ def read_config_json(path_json_file: str) -> dict:
     return data
 
 
-def check_known_fields(config_cls: type, data: dict, source: str) -> None:
-    """Every key of a saved config must be a field of ``config_cls``. Raises ValueError naming the unknown key and the
-    closest known field (a typo such as ``rep_dropp`` for ``rep_drop``), instead of dropping it silently."""
-    known = {field.name for field in dataclasses.fields(config_cls)}
-    unknown = sorted(key for key in data if key not in known and key not in _PEFT_EXTRA_KEYS)
-    if not unknown:
-        return
-    hints = []
-    for key in unknown:
-        close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
-        hints.append(f"{key!r} (did you mean {close[0]!r}?)" if close else f"{key!r} (no similar field)")
-    raise ValueError(
-        f"Adapter config {source} has fields that {config_cls.__name__} does not know: {', '.join(hints)}. Fix or "
-        "remove them; an unknown field would otherwise be ignored and the adapter built differently than saved."
-    )
+def check_known_fields(config_cls: type, data: dict, source: str) -> list[str]:
+    """Every key of a saved config must be a field of ``config_cls``, unless a newer peft_effadapt wrote the file.
+
+    Returns:
+        The unknown keys of a file a newer version wrote (see `versions.fields_to_drop`): the caller drops them.
+
+    Raises:
+        ValueError: unknown keys of a file this or an older version wrote (a typo such as ``rep_dropp``), naming each
+            and the closest known field, instead of dropping them silently.
+    """
+    known = {field.name for field in dataclasses.fields(config_cls)} | _PEFT_EXTRA_KEYS
+    source = f"Adapter config {source}"
+    return fields_to_drop(data, known, source, config_cls.__name__, writer_version(data, source))
 
 
 def check_config_fields(config) -> None:

@@ -82,10 +82,31 @@ class _Clustered:
 
 
 class CentripetalSGDCallback(PruningCallback):
-    """Centripetal SGD: cluster channels, make each cluster identical while training, slim losslessly at the end.
+    """Centripetal SGD as a `transformers.Trainer` callback.
 
-    Takes a `CSGDConfig` or its fields as keyword arguments; `check_inputs` (a dict of model inputs or a tensor) is
-    the batch of the equivalence check (default: the first training batch).
+    At train begin it clusters the channels of every selected group; before every optimizer step it edits the
+    gradients so that each cluster's members become identical; at train end it slims the model in place (one channel
+    per cluster, losslessly) after an equivalence check, and saves it with its plan (`save_dir`).
+
+    Args:
+        config (CSGDConfig | None): The options; or give its fields as keyword arguments instead.
+        check_inputs (optional): The batch of the equivalence check (a dict of model inputs or a tensor; default: the
+            first training batch).
+        **kwargs: [`CSGDConfig`] fields, when no config is given.
+
+    Raises:
+        ValueError: Bad options (from [`CSGDConfig`]), an FSDP/DeepSpeed run, or an adaptive optimizer without
+            `allow_adaptive_optimizer=True`.
+
+    Example:
+        ```python
+        from peft_effadapt import CentripetalSGDCallback, widths_for_flops
+        from peft_effadapt.testing import load_tiny_resnet, tiny_pixel_values
+
+        model, _ = load_tiny_resnet()
+        callback = CentripetalSGDCallback(keep_ratio=widths_for_flops(model, tiny_pixel_values(1, 32), 0.5))
+        # Trainer(model, args, train_dataset=..., callbacks=[callback]).train() then slims the model
+        ```
     """
 
     method = "C-SGD"
@@ -101,6 +122,7 @@ class CentripetalSGDCallback(PruningCallback):
         self.slim_report: dict | None = None
         self._entries: list[_Clustered] = []
         self._model: nn.Module | None = None
+        self.multiple: int | None = None  # round_to resolved on the model's device by prepare
 
     # ----------------------------------------------------------------------------------------------- set-up
     @classmethod
@@ -124,7 +146,7 @@ class CentripetalSGDCallback(PruningCallback):
                 raise ValueError(f"group {group.name!r} has {size} channels; cannot keep {value} clusters of them")
             width = value
         else:
-            width = round_to(max(1, math.ceil(value * size)), self.config.multiple, size)
+            width = round_to(max(1, math.ceil(value * size)), self.multiple, size)
         return width if width < size else None
 
     def _select_groups(self, model: nn.Module) -> list[ChannelGroup]:
@@ -143,6 +165,7 @@ class CentripetalSGDCallback(PruningCallback):
         edit; returns the clusters. Called by `on_train_begin`; call it yourself in a custom loop, then
         `edit_gradients()` before every optimizer step and `slim()` at the end."""
         refuse_sharding(self.method, model)
+        self.multiple = self.config.multiple(model)  # round_to="auto": the device the model trains on
         groups = self._select_groups(model)
         targets = {g.name: self._target_width(g) for g in groups}
         if all(w is None for w in targets.values()):
@@ -284,7 +307,7 @@ class CentripetalSGDCallback(PruningCallback):
         if not self._entries:
             raise ValueError("no clusters yet: call prepare(model) (done by on_train_begin) before slimming")
         plan = SlimmingPlan([GroupPlan(e.group, [c[0] for c in e.clusters], e.clusters) for e in self._entries],
-                            round_to=self.config.multiple, method="csgd",
+                            round_to=self.multiple, method="csgd",
                             metadata={"centripetal_strength": self.centripetal_strength,
                                       "cluster_method": self.cluster_method})
         plan.validate()

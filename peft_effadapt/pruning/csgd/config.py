@@ -10,18 +10,22 @@ from .clusters import CLUSTER_METHODS
 
 @dataclass
 class CSGDConfig(PruningConfig):
-    """Centripetal SGD options (plus the shared ones of `PruningConfig`; `groups` defaults to "all": C-SGD prunes
-    residual streams too, several producers sharing the pacesetter's clustering).
+    """Centripetal SGD options, validated on construction (`ValueError` naming the field).
+
+    The shared options of C-SGD and ResRep follow the C-SGD ones below; `groups` defaults to "all": C-SGD prunes
+    residual streams too, several producers sharing the pacesetter's clustering.
 
     Args:
-        keep_ratio: kept channels per group: a float in (0, 1] for every selected group, or a dict `{glob on group
-            name: float ratio | int width}` (groups that no pattern matches are left alone). 5/8 is the paper's
-            CIFAR setting.
+        keep_ratio: Kept channels per group: a float in (0, 1] for every selected group, or a dict `{glob on group
+            name: float ratio | int width}` (groups that no pattern matches are left alone). 5/8 is the paper's CIFAR
+            setting; `widths_for_flops` gives widths for a FLOPs target.
         centripetal_strength: eps, in the code's lr-scaled convention (CIFAR 3e-3, ImageNet ResNet-50 0.05).
         vector_strength_ratio: eps multiplier for conv/linear biases and BN gamma/beta (0.1).
-        weight_decay: eta for kernels inside the edit (1e-4); vector_weight_decay: eta for vectors (0).
+        weight_decay: eta for kernels, applied inside the edit (1e-4).
+        vector_weight_decay: eta for vectors (biases, BN parameters), inside the edit (0).
         cluster_method: "kmeans" (on the pacesetter's kernel rows), "even" or "biased".
-        kmeans_seed, kmeans_n_init: seed and restarts of k-means (computed on rank 0, broadcast to all ranks).
+        kmeans_seed: Seed of k-means (computed on rank 0, broadcast to all ranks).
+        kmeans_n_init: Restarts of k-means.
     """
 
     keep_ratio: float | dict = 0.625

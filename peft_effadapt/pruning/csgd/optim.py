@@ -6,9 +6,20 @@ from torch import nn
 
 
 def csgd_param_groups(model: nn.Module, lr: float, weight_decay: float = 1e-4, bias_lr_factor: float = 2.0) -> list:
-    """Parameter groups of the official optimizer, for `torch.optim.SGD(groups, lr=lr, momentum=0.9,
-    nesterov=True)`: decay `weight_decay` on kernels, none on biases and norm parameters, biases at
-    `bias_lr_factor` x lr. Clustered tensors' decay is taken over by the callback's edit either way."""
+    """Parameter groups of the official C-SGD optimizer.
+
+    Decay `weight_decay` on kernels, none on biases and norm parameters, biases at `bias_lr_factor` x lr. Clustered
+    tensors' decay is taken over by the callback's edit either way.
+
+    Args:
+        model (nn.Module): The model to train (its trainable parameters are grouped).
+        lr (float): Base learning rate.
+        weight_decay (float): Decay of conv/linear kernels.
+        bias_lr_factor (float): Learning-rate multiplier of biases.
+
+    Returns:
+        list[dict]: Groups for `torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)`.
+    """
     decay, no_decay, biases = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:

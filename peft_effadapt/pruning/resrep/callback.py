@@ -14,7 +14,8 @@ and no weight decay on compactors. FLOPs follow `flops.py` (torch's FlopCounterM
 Deviations: the masks are computed on rank 0 and broadcast; the lasso is added once per optimizer step (not per
 micro-batch), multiplied by a pending fp16 loss scale; BatchNorm epsilon is each layer's own; BatchNorms stay (as an
 "affine" BN carrying the folded bias), so the slimmed model is the stock HF class; `round_to` (not in the paper)
-keeps widths at multiples; `groups="streams"`/`"all"` (not in the paper) also prune residual streams, one compactor
+keeps widths at multiples (`"auto"`: for the device the model trains on, resolved at `prepare` and again at train
+begin); `groups="streams"`/`"all"` (not in the paper) also prune residual streams, one compactor
 shared by every producer of a stream. Adaptive optimizers are refused: Adam rescales the lasso gradient per element,
 so `lasso_strength` would no longer be the paper's lambda.
 """
@@ -44,10 +45,28 @@ _ADAPTIVE_REASON = ("Adam-type optimizers rescale the group-lasso gradient per e
 
 
 class ResRepCallback(PruningCallback):
-    """Gradient resetting + group lasso on compactors, growing masks until a FLOPs target, lossless conversion.
+    """ResRep as a `transformers.Trainer` callback.
 
-    Takes a `ResRepConfig` or its fields as keyword arguments. `prepare(model, example_inputs)` must run before the
-    optimizer is built.
+    Gradient resetting and group lasso on compactors, masks that grow until a FLOPs target, lossless conversion to
+    narrower layers at train end (saved with its plan to `save_dir`).
+
+    Args:
+        config (ResRepConfig | None): The options; or give its fields as keyword arguments instead.
+        **kwargs: [`ResRepConfig`] fields, when no config is given.
+
+    Raises:
+        ValueError: Bad options (from [`ResRepConfig`]), an FSDP/DeepSpeed run, or an adaptive optimizer without
+            `allow_adaptive_optimizer=True`.
+
+    Example:
+        ```python
+        from peft_effadapt import ResRepCallback
+        from peft_effadapt.testing import load_tiny_resnet, tiny_pixel_values
+
+        model, _ = load_tiny_resnet()
+        callback = ResRepCallback(flops_target=0.7)
+        callback.prepare(model, example_inputs={"pixel_values": tiny_pixel_values(2, 32)})  # before the optimizer
+        ```
     """
 
     method = "ResRep"
@@ -71,12 +90,14 @@ class ResRepCallback(PruningCallback):
         self.plan: SlimmingPlan | None = None
         self.conversion_error: float | None = None
         self.final_flops_ratio: float | None = None
+        self.multiple: int | None = None  # round_to resolved on the model's device (prepare, then train begin)
 
     # ------------------------------------------------------------------------------------------------- setup
     def prepare(self, model: nn.Module, example_inputs) -> nn.Module:
         """Inserts identity compactors into `model` (its function is unchanged) and measures the FLOPs model on
         `example_inputs` (a tensor, tuple or dict of model inputs; also the batch of the equivalence check). Call
         before `Trainer(...)` builds the optimizer and wraps the model. Idempotent (resume: call it again)."""
+        self.multiple = self.config.multiple(model)
         record = model.__dict__.get(_RECORD)
         if record is not None:
             self._adopt(model, record)
@@ -121,7 +142,7 @@ class ResRepCallback(PruningCallback):
         low = self.min_channels
         if self.min_keep_ratio:
             low = max(low, math.ceil(self.min_keep_ratio * group.size))
-        return _round_to(min(low, group.size), self.config.multiple, group.size)
+        return _round_to(min(low, group.size), self.multiple, group.size)
 
     @property
     def compactors(self) -> dict[str, ResRepCompactor]:
@@ -156,7 +177,7 @@ class ResRepCallback(PruningCallback):
         masks = choose_masks(norms, self.flops, self.flops_target, current=current,
                              granularity=self.begin_granularity,
                              min_channels={g.name: self._min_width(g) for g in self.targets},
-                             round_to=self.config.multiple)
+                             round_to=self.multiple)
         for name, compactor in compactors.items():
             compactor.mask.copy_(masks[name].to(compactor.mask))
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -172,6 +193,7 @@ class ResRepCallback(PruningCallback):
         if self.model is None and model is not None and _RECORD in model.__dict__:
             self._adopt(model, model.__dict__[_RECORD])
         self._require_prepared()
+        self.multiple = self.config.multiple(self.model)  # round_to="auto": the device the model trains on
         for name, compactor in self.compactors.items():
             if compactor is None or compactor.weight.dim() != 2 or compactor.weight.shape[0] != compactor.weight.shape[1]:
                 raise ValueError(f"Compactor of {name!r} is missing or flattened/sharded; ResRep needs whole D x D "
@@ -235,7 +257,7 @@ class ResRepCallback(PruningCallback):
             if not keep.any():
                 keep[int(norms.argmax())] = True
             keep_idx = torch.nonzero(keep).flatten()
-            width = _round_to(int(keep.sum()), self.config.multiple, keep.numel())
+            width = _round_to(int(keep.sum()), self.multiple, keep.numel())
             if width > keep_idx.numel():  # give rows back (largest norms first) to reach a multiple
                 extra = [i for i in torch.argsort(norms, descending=True).tolist() if not keep[i]]
                 keep_idx = torch.tensor(sorted(keep_idx.tolist() + extra[: width - keep_idx.numel()]))
@@ -244,7 +266,7 @@ class ResRepCallback(PruningCallback):
         before = model_output(model, self.example_inputs) if self.check_equivalence else None
         for group in self.targets:
             fold_compactor(model, group)
-        plan = SlimmingPlan([GroupPlan(g, keeps[g.name]) for g in self.targets], self.config.multiple, "resrep",
+        plan = SlimmingPlan([GroupPlan(g, keeps[g.name]) for g in self.targets], self.multiple, "resrep",
                             getattr(getattr(model, "config", None), "_name_or_path", None) or None,
                             {"flops_target": self.flops_target, "lasso_strength": self.lasso_strength})
         plan.groups = [p for p in plan.groups if p.width < p.group.size] or plan.groups

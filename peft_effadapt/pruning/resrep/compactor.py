@@ -1,8 +1,8 @@
 """ResRep compactors: identity-initialised 1x1 "forgetting" layers after a producer's BatchNorm, and their fold.
 
 A compactor is a child `resrep_compactor` of the module whose output it transforms (the group's BatchNorm, or the
-producer itself when there is none, e.g. a ViT/CLIP `fc1`), applied by a forward hook, so the stock state-dict keys of
-the model are unchanged and only `...resrep_compactor.weight` / `.mask` are added. Compactor weights are D x D
+producer itself when there is none, e.g. a ViT/CLIP `fc1`), applied by a forward hook (`ApplyCompactor`), so the
+stock state-dict keys of the model are unchanged and only `...resrep_compactor.weight` / `.mask` are added. Compactor weights are D x D
 matrices for both convs (a 1x1 conv over the channel dim) and linears.
 
 Residual streams (beyond the paper, which prunes internal layers): one compactor is shared by every producer of the
@@ -52,15 +52,15 @@ def host_paths(group: ChannelGroup) -> list[str]:
     return [path for path, _ in group.producers]
 
 
-def _apply(module: nn.Module, args, output):
-    return getattr(module, ATTRIBUTE)(output)
+class ApplyCompactor:
+    """Forward hook of a host: its output through the compactor. A callable bound to the compactor module (owned by
+    the first host), so a deep copy of the model applies the copy's compactor at every host."""
 
+    def __init__(self, compactor: ResRepCompactor) -> None:
+        self.compactor = compactor
 
-def _apply_shared(module: nn.Module, args, output):
-    return module.__dict__[_SHARED](output)
-
-
-_SHARED = "_resrep_shared_compactor"  # plain (unregistered) reference: the parameter is owned by the first host
+    def __call__(self, module: nn.Module, args, output):
+        return self.compactor(output)
 
 
 def check_group(model: nn.Module, group: ChannelGroup) -> None:
@@ -85,10 +85,8 @@ def insert_compactor(model: nn.Module, group: ChannelGroup) -> ResRepCompactor:
     channel_dim = -1 if isinstance(producer, nn.Linear) else 1
     compactor = ResRepCompactor(group.size, channel_dim, device=producer.weight.device, dtype=producer.weight.dtype)
     hosts[0].add_module(ATTRIBUTE, compactor)
-    hosts[0].register_forward_hook(_apply)
-    for host in hosts[1:]:
-        object.__setattr__(host, _SHARED, compactor)
-        host.register_forward_hook(_apply_shared)
+    for host in hosts:
+        host.register_forward_hook(ApplyCompactor(compactor))
     return compactor
 
 
@@ -99,12 +97,11 @@ def find_compactor(model: nn.Module, group: ChannelGroup) -> ResRepCompactor | N
 def remove_compactor(model: nn.Module, group: ChannelGroup) -> None:
     for i, path in enumerate(host_paths(group)):
         host = model.get_submodule(path)
-        for key, fn in list(host._forward_hooks.items()):
-            if fn is _apply or fn is _apply_shared:
+        for key, hook in list(host._forward_hooks.items()):
+            if isinstance(hook, ApplyCompactor):
                 del host._forward_hooks[key]
         if i == 0 and hasattr(host, ATTRIBUTE):
             delattr(host, ATTRIBUTE)
-        host.__dict__.pop(_SHARED, None)
 
 
 @torch.no_grad()

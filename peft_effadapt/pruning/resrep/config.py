@@ -9,19 +9,23 @@ from ..config import PruningConfig, check_number
 
 @dataclass
 class ResRepConfig(PruningConfig):
-    """ResRep options (plus the shared ones of `PruningConfig`; `groups` defaults to "internal", the paper's
-    setting; "streams"/"all" also prune residual streams with one compactor shared by all producers of a stream).
+    """ResRep options, validated on construction (`ValueError` naming the field).
+
+    The shared options of C-SGD and ResRep follow the ResRep ones below; `groups` defaults to "internal", the paper's
+    setting; "streams"/"all" also prune residual streams with one compactor shared by all producers of a stream.
 
     Args:
-        flops_target: remaining fraction of the model's FLOPs (0.455 for the paper's ResNet-50).
+        flops_target: Remaining fraction of the model's FLOPs (0.455 for the paper's ResNet-50).
         lasso_strength: lambda of the group-lasso gradient lambda·Q[i]/||Q[i]||, added to every row.
-        mask_interval: optimizer steps between mask updates (after the warm-up).
-        warmup_epochs, warmup_steps: steps before the first mask update (`warmup_steps` overrides epochs).
-        begin_granularity: new masked channels allowed per update while above target.
-        min_channels, min_keep_ratio: smallest width per group (absolute / fraction of the original).
-        conversion_threshold: compactor rows with a smaller L2 norm are dropped when slimming.
-        freeze_masks_after: fraction of the total steps after which masks stop changing (None: never).
-        drop_masked_rows: also drop masked rows still above the threshold (the change is reported / warned).
+        mask_interval: Optimizer steps between mask updates (after the warm-up).
+        warmup_epochs: Epochs before the first mask update.
+        warmup_steps: Steps before the first mask update (overrides `warmup_epochs`).
+        begin_granularity: New masked channels allowed per update while above target.
+        min_channels: Smallest width per group (absolute).
+        min_keep_ratio: Smallest width per group as a fraction of the original (None: only `min_channels`).
+        conversion_threshold: Compactor rows with a smaller L2 norm are dropped when slimming.
+        freeze_masks_after: Fraction of the total steps after which masks stop changing (None: never).
+        drop_masked_rows: Also drop masked rows still above the threshold (the change is reported / warned).
     """
 
     groups: str | list = "internal"

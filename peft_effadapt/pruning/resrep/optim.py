@@ -11,9 +11,22 @@ _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.
 
 def resrep_param_groups(model: nn.Module, lr: float = 0.01, compactor_momentum: float = 0.99,
                         weight_decay: float = 1e-4, bias_lr_mult: float = 2.0) -> list[dict]:
-    """The official optimizer groups, for `torch.optim.SGD(groups, lr=lr, momentum=0.9)`: compactors momentum 0.99
-    and no decay; conv/linear kernels decay `weight_decay`; norm parameters no decay; biases no decay and
-    `bias_lr_mult`·lr. (HF's default AdamW decays HF ResNet BatchNorm weights and would decay compactors.)"""
+    """The official ResRep optimizer groups.
+
+    Compactors: momentum `compactor_momentum` and no decay; conv/linear kernels decay `weight_decay`; norm parameters
+    no decay; biases no decay and `bias_lr_mult`·lr. (HF's default AdamW decays HF ResNet BatchNorm weights and would
+    decay compactors.) Call it after `ResRepCallback.prepare`, which inserts the compactors.
+
+    Args:
+        model (nn.Module): The prepared model.
+        lr (float): Base learning rate.
+        compactor_momentum (float): Momentum of the compactors' group.
+        weight_decay (float): Decay of conv/linear kernels.
+        bias_lr_mult (float): Learning-rate multiplier of biases.
+
+    Returns:
+        list[dict]: Groups for `torch.optim.SGD(groups, lr=lr, momentum=0.9)`.
+    """
     compactor, kernels, norms, biases = [], [], [], []
     owners = {}
     for module in model.modules():

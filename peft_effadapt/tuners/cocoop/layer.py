@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from ...prompting import ContextPromptLayer, PromptSlots
-from ...prompting.init import adapter_device, initial_context
+from ...prompting.init import adapter_device, initial_context, perturbed
 from .config import CoCoOpConfig
 
 
@@ -13,7 +13,8 @@ class CoCoOpLayer(ContextPromptLayer):
     `cocoop_meta_up` ∘ ReLU ∘ `cocoop_meta_down` (two Linears, PyTorch's default initialisation as the reference's).
 
     Without a row shift the layer writes the plain context (π = 0, e.g. for text-only calls); with one, each text row
-    gets ctx + its image's shift. `CoCoOpModel.forward` sets the shifts (`set_row_shift`) around its text pass.
+    gets ctx + its image's shift. The hooks of `conditioning.py` set the shifts during a `CLIPModel` call with images
+    and class prompts: `open_conditioned_call`, `shift_rows` (from the image features), `close_conditioned_call`.
     """
 
     adapter_layer_names = ("cocoop_ctx", "cocoop_meta_down", "cocoop_meta_up")
@@ -28,6 +29,7 @@ class CoCoOpLayer(ContextPromptLayer):
         self.cocoop_slots: dict[str, PromptSlots] = {}
         self.image_width = image_width
         self._row_shift: torch.Tensor | None = None
+        self._classes: int | None = None  # prompts per image of the open conditioned call
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
@@ -36,13 +38,11 @@ class CoCoOpLayer(ContextPromptLayer):
         n, d = config.n_ctx, tok.shape[1]
         device = adapter_device(tok)
         with torch.no_grad():
-            ctx = initial_context(tok, config, (n, d))
-        hidden = config.meta_net_hidden or max(1, self.image_width // 16)
-        down, up = nn.Linear(self.image_width, hidden, device=device), nn.Linear(hidden, d, device=device)
-        if not config.init_weights:
-            with torch.no_grad():
-                for p in [*down.parameters(), *up.parameters()]:
-                    p.add_(torch.randn_like(p) * 0.5)
+            ctx = perturbed(initial_context(tok, config, (n, d)), config)
+            hidden = config.meta_net_hidden or max(1, self.image_width // 16)
+            down, up = nn.Linear(self.image_width, hidden, device=device), nn.Linear(hidden, d, device=device)
+            for param in [*down.parameters(), *up.parameters()]:
+                param.copy_(perturbed(param, config))
         self.cocoop_ctx[adapter_name] = nn.Parameter(ctx.float())
         self.cocoop_meta_down[adapter_name] = down.float()
         self.cocoop_meta_up[adapter_name] = up.float()
@@ -65,13 +65,29 @@ class CoCoOpLayer(ContextPromptLayer):
         down, up = self.cocoop_meta_down[adapter_name], self.cocoop_meta_up[adapter_name]
         return up(nn.functional.relu(down(image_features.to(down.weight.dtype))))
 
-    def set_row_shift(self, row_shift: torch.Tensor | None) -> None:
-        """Until reset to None, text row i gets ctx + row_shift[i] (rows = images x classes, image-major)."""
-        self._row_shift = row_shift
+    def open_conditioned_call(self, classes: int) -> None:
+        """A CLIP call over `classes` prompts per image begins: its image features will shift the context."""
+        self._classes = classes
+
+    def shift_rows(self, image_features: torch.Tensor) -> None:
+        """Inside a conditioned call, text row i gets ctx + π(v̂) of its image (rows = images x classes,
+        image-major); outside one, nothing."""
+        if self._classes is not None:
+            shift = self.shift(self.conditioned_adapter(), image_features)
+            self._row_shift = shift.repeat_interleave(self._classes, dim=0)
+
+    def close_conditioned_call(self) -> int | None:
+        """Ends the conditioned call (if one is open); returns its prompts per image."""
+        classes, self._classes, self._row_shift = self._classes, None, None
+        return classes
 
     def context(self, adapter_name: str) -> torch.Tensor:
         ctx = self.cocoop_ctx[adapter_name]
         if self._row_shift is None:
+            if self._classes is not None:
+                raise ValueError(
+                    "CoCoOp: the CLIP forward ran its text tower before projecting the images, so the prompts cannot "
+                    "be conditioned on them (CoCoOp relies on CLIPModel.forward computing image features first).")
             return ctx
         return ctx.unsqueeze(0) + self._row_shift.to(ctx.dtype).unsqueeze(1)
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -17,8 +18,9 @@ class ConsolidatorConfig(VerifiedAdapterFilesMixin, PeftConfig):
     Connections for Visual Adaptation", ICLR 2023).
 
     Every targeted Linear keeps its frozen weight and gains one trainable grouped-connection branch per entry of
-    `fc_groups`. After training the branches are consolidated into one sparse delta whose values alone are stored, and
-    merged into the frozen weight for inference.
+    `fc_groups`. While training, `save_pretrained` stores the branches as they are (a checkpoint reloads the very
+    same parameters); after training, `ConsolidatorModel.consolidate()` sums them into one sparse delta per layer whose
+    values alone are stored (the form to ship), and `merge_and_unload` adds it into the frozen weight for inference.
 
     Defaults follow the official release (THU-MIG/Consolidator): one branch with ``hidden_size // 2`` groups, no
     channel shuffle, branch biases on, ``U(-1e-3, 1e-3)`` init, fused-qkv connectivity, block biases and every
@@ -52,7 +54,9 @@ class ConsolidatorConfig(VerifiedAdapterFilesMixin, PeftConfig):
         default=0.0,
         metadata={"help": "DropPath probability applied per sample and per branch during training (official: 0-0.8)."},
     )
-    rep_bias: bool = field(default=True, metadata={"help": "Give every branch its own bias."})
+    rep_bias: bool = field(
+        default=True, metadata={"help": "Give every branch its own trainable bias, dropped with its branch (official)."}
+    )
     init_range: float = field(
         default=1e-3,
         metadata={"help": "Branch weights and biases start ~ U(-init_range, init_range); 0 starts at the base model."},
@@ -77,19 +81,20 @@ class ConsolidatorConfig(VerifiedAdapterFilesMixin, PeftConfig):
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Extra modules trained and saved in full, e.g. ['classifier']."}
     )
-    save_mode: Literal["consolidated", "branches"] = field(
-        default="consolidated",
+    save_mode: Literal["branches", "consolidated"] = field(
+        default="branches",
         metadata={
-            "help": "'consolidated': store only the values of the summed sparse delta (stage 1 of the paper); "
-            "'branches': store the raw branch parameters, to resume training with DropPath and all branches."
+            "help": "Kept so that configs written by earlier versions load; files now hold the adapter as it is: "
+            "the branches while training (exact checkpoints), the consolidated delta after "
+            "`ConsolidatorModel.consolidate()`. Setting 'consolidated' in code warns and consolidates nothing."
         },
     )
     consolidated: bool = field(
         default=False,
         metadata={
-            "help": "Written as true into a saved adapter_config.json whose weights hold consolidated deltas. peft's "
-            "loaders split such weights exactly back into branches; an adapter injected from this config without "
-            "peft's loader (transformers' load_adapter) holds one delta vector per layer. Leave it False to train."
+            "help": "True when the adapter holds the consolidated delta (stage 1): set by "
+            "`ConsolidatorModel.consolidate()` and written into the saved adapter_config.json, so every loader builds "
+            "one delta vector per layer for the file's values. Leave it False to train branches."
         },
     )
     storage_dtype: Literal["float32", "float16", "bfloat16"] = field(
@@ -137,17 +142,36 @@ class ConsolidatorConfig(VerifiedAdapterFilesMixin, PeftConfig):
             raise ValueError(f"qkv_names must name the query, key and value projections, got {self.qkv_names!r}.")
         if self.save_mode not in ("consolidated", "branches"):
             raise ValueError(f"save_mode must be 'consolidated' or 'branches', got {self.save_mode!r}.")
+        if self.save_mode == "consolidated" and not self.consolidated:
+            warnings.warn(
+                "ConsolidatorConfig(save_mode='consolidated') no longer consolidates at save time: save_pretrained "
+                "writes the branches (exact checkpoints). Call `model.consolidate()` before save_pretrained or "
+                "push_adapter_to_hub to store the compact consolidated delta.",
+                FutureWarning,
+                stacklevel=3,
+            )
         if self.storage_dtype not in STORAGE_DTYPES:
             raise ValueError(f"storage_dtype must be one of {STORAGE_DTYPES}, got {self.storage_dtype!r}.")
         if self.layers_pattern and not self.layers_to_transform:
             raise ValueError("layers_pattern is only used together with layers_to_transform.")
 
-    def to_dict(self) -> dict:
-        # A saved config must say which layout the weights next to it use, so that every loader (PeftModel,
-        # AutoPeftModel, transformers' load_adapter, inject_adapter_in_model) builds matching layers.
-        data = super().to_dict()
-        data["consolidated"] = bool(self.consolidated or self.save_mode == "consolidated")
-        return data
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
+        """peft's `from_pretrained`, reading a branch file saved before branch biases were separate parameters too.
+
+        Up to the version that introduced `consolidate()`, an adapter without DropPath kept its branch biases and the
+        Linear's bias delta as one vector (`consolidator_bias`): such a file holds branch weights but no branch
+        biases, which is exactly the layout of ``rep_bias=False, train_bias=True``; it loads as that, computing the
+        same outputs.
+        """
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        keys = config.loaded_from.tensors if config.loaded_from is not None else {}
+        branch_keys = [key for key in keys if ".consolidator_branches." in key]
+        if not config.consolidated and config.rep_bias and branch_keys and not any(
+            key.endswith(".bias") for key in branch_keys
+        ):
+            config.rep_bias, config.train_bias = False, True
+        return config
 
     @property
     def shuffle_flags(self) -> list[bool]:

@@ -92,54 +92,38 @@ class ConsolidatorLayer(BaseTunerLayer):
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def _build(self, adapter_name, patterns, rep_drop, rep_bias, train_bias, init_range) -> None:
+        # The official parametrisation: every branch has its own bias (dropped with its branch), and the Linear's
+        # bias is tuned as well (here as a delta on the frozen bias), so a step moves Δb by one step per vector.
         self.consolidator_patterns[adapter_name] = patterns
         self.consolidator_rep_drop[adapter_name] = rep_drop
         self.consolidator_support[adapter_name] = support_index(patterns)
-        # Without DropPath a branch bias adds the same constant as the Linear's bias delta, so the two are one
-        # parameter direction: keep one vector (initialised like the sum of the branch biases it stands for), so that
-        # the stored Δb identifies the adapter. With DropPath every branch keeps its own, dropped with the branch.
-        branch_bias = rep_bias and rep_drop > 0
         self.consolidator_branches[adapter_name] = nn.ModuleList(
-            ConsolidatorBranch(pattern, branch_bias, init_range) for pattern in patterns
+            ConsolidatorBranch(pattern, rep_bias, init_range) for pattern in patterns
         )
-        if train_bias or (rep_bias and not branch_bias):
-            bias = torch.zeros(self.out_features)
-            if rep_bias and not branch_bias:
-                for _ in patterns:
-                    bias += torch.empty(self.out_features).uniform_(-init_range, init_range)
-            self.consolidator_bias[adapter_name] = nn.Parameter(bias)
+        if train_bias:
+            self.consolidator_bias[adapter_name] = nn.Parameter(torch.zeros(self.out_features))
 
-    def split_consolidated(
-        self, adapter_name: str, values: torch.Tensor, bias: torch.Tensor | None
-    ) -> dict[str, torch.Tensor]:
-        """The branch tensors that recompose stored values exactly: the inverse of ``consolidated_values``.
+    def holds_branches(self, adapter_name: str) -> bool:
+        """True while the adapter is in the training form (branches), False once consolidated."""
+        return adapter_name in self.consolidator_branches
 
-        Keys are this layer's adapter tensors without the adapter name (``consolidator_branches.<i>.weight``, ...).
-        A support position read by ``k`` branches gives each ``1/k`` of its value, and ``Δb`` is shared equally by the
-        bias vectors present: the minimum-norm split, which is the unique one when no position is shared (one branch,
-        the default). The branches must be live (see ``restore_branches``).
-        """
-        branches = self.consolidator_branches[adapter_name]
-        patterns = self.consolidator_patterns[adapter_name]
-        values = values.float()
-        bias = None if bias is None else bias.float()
-        support = self.consolidator_support[adapter_name].to(values.device)
-        dense = values.new_zeros(self.out_features * self.in_features).index_copy(0, support, values)
-        dense = dense.view(self.out_features, self.in_features)
-        cover = sum(pattern.mask().to(dense.device, dense.dtype) for pattern in patterns)
-        dense = dense / cover.clamp(min=1)
-        split = {}
-        for i, pattern in enumerate(patterns):
-            split[f"consolidator_branches.{i}.weight"] = dense.gather(1, pattern.columns().to(dense.device))
-        holders = [f"consolidator_branches.{i}.bias" for i, b in enumerate(branches) if b.bias is not None]
-        holders += ["consolidator_bias"] if adapter_name in self.consolidator_bias else []
-        for key in holders:
-            split[key] = bias / len(holders) if bias is not None else values.new_zeros(self.out_features)
-        return split
+    def adapter_form(self, adapter_name: str) -> dict[str, nn.Module]:
+        """The adapter's current tensors (its entries in `adapter_layer_names`), for `put_adapter_form`."""
+        return {attr: getattr(self, attr)[adapter_name] for attr in self.adapter_layer_names
+                if adapter_name in getattr(self, attr)}
+
+    def put_adapter_form(self, adapter_name: str, form: dict[str, nn.Module]) -> None:
+        """Puts back what `adapter_form` returned (the very modules and parameters, so optimizers still hold them)."""
+        for attr in self.adapter_layer_names:
+            container = getattr(self, attr)
+            if adapter_name in container:
+                del container[adapter_name]
+            if attr in form:
+                container[adapter_name] = form[attr]
 
     def restore_branches(self, adapter_name: str, rep_bias: bool, train_bias: bool) -> None:
-        """Turns an adapter in the consolidated state back into live branches (same trainability), ready for the
-        values of ``split_consolidated``."""
+        """Turns an adapter in the consolidated state back into zero-initialised branches (same trainability), ready to
+        receive branch tensors from a file."""
         if adapter_name not in self.consolidator_delta:
             return
         trainable = self.consolidator_delta[adapter_name].requires_grad
@@ -152,15 +136,19 @@ class ConsolidatorLayer(BaseTunerLayer):
         for param in self._adapter_parameters(adapter_name):
             param.requires_grad_(trainable)
 
-    def to_consolidated(self, adapter_name: str, with_bias: bool) -> None:
-        """Switches an adapter to the consolidated state: one delta vector over the stored support (stage 1).
+    def to_consolidated(self, adapter_name: str, with_bias: bool, storage_dtype: torch.dtype | None = None) -> None:
+        """Switches an adapter to the consolidated state: ΔW's values on the support and Δb (stage 1).
 
-        The delta keeps training if required (a single branch whose support is the union of the branches'), without
-        DropPath, which the consolidated form no longer separates into branches.
+        ``storage_dtype`` rounds the values to what a file in that dtype holds, so the model computes what it ships.
+        The delta keeps training if required (one masked delta over the union of the branches' supports, without
+        DropPath, which the consolidated form no longer separates into branches).
         """
         trainable = any(p.requires_grad for p in self._adapter_parameters(adapter_name))
         with torch.no_grad():
             delta, bias = self.consolidated_values(adapter_name)
+        if storage_dtype is not None:
+            delta = delta.to(storage_dtype).to(delta.dtype)
+            bias = None if bias is None else bias.to(storage_dtype).to(bias.dtype)
         if adapter_name in self.consolidator_branches:
             del self.consolidator_branches[adapter_name]
         self.consolidator_delta[adapter_name] = nn.Parameter(delta.detach(), requires_grad=trainable)

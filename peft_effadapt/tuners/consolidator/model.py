@@ -5,7 +5,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils.error import NoMatchingPeftModuleError
 from torch import nn
 
-from ...peft_hooks import ValidatedLoadMixin, undo_injection
+from ...peft_hooks import ValidatedLoadMixin
 from ...targeting import candidate_names, model_type_of, targeted_modules, unwrap_to_tuner_layers
 from .config import ConsolidatorConfig
 from .layer import ConsolidatorLayer, ConsolidatorLinear
@@ -27,11 +27,15 @@ _STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16
 class ConsolidatorModel(ValidatedLoadMixin, BaseTuner):
     """Creates a Consolidator model from a pretrained transformers model (Hao et al., ICLR 2023).
 
-    Use it through peft: ``get_peft_model(model, ConsolidatorConfig(...))``. Saving stores the consolidated sparse
-    delta of every layer (``consolidator_delta``: the values of ΔW on its fixed support, row-major) and the bias delta
-    (``consolidator_bias``); peft's loaders split such a file exactly back into live branches (trainable with
-    ``is_trainable=True``, resumable by the Trainer); ``merge_and_unload`` adds the deltas into the frozen weights and
-    returns the plain model.
+    Use it through peft: ``get_peft_model(model, ConsolidatorConfig(...))``. An adapter is in one of two forms, and its
+    file holds exactly that form, so every load gives back the very parameters that were saved:
+
+    - **branches** (training): each branch's weight and bias and the Linear's bias delta. Checkpoints written while
+      training (``save_pretrained``, the Trainer's) resume bit for bit.
+    - **consolidated** (shipping, after `consolidate`): ΔW's values on its fixed support (``consolidator_delta``,
+      row-major) and Δb (``consolidator_bias``) in ``storage_dtype``; ``consolidated: true`` in the saved config.
+
+    ``merge_and_unload`` adds the delta of either form into the frozen weights and returns the plain model.
     """
 
     method_name = "Consolidator"
@@ -129,28 +133,52 @@ class ConsolidatorModel(ValidatedLoadMixin, BaseTuner):
                 "copies (train_layernorm=True), and only one set can be kept."
             )
 
-    # -- saving: stage-1 consolidation --------------------------------------------------------------------------
+    # -- stage 1: consolidation for storage ------------------------------------------------------------------------
+    def consolidate(self, adapter_names: str | list[str] | None = None) -> None:
+        """Replaces the branches of each adapter by its consolidated sparse delta (stage 1 of the paper), in place.
+
+        Afterwards ``save_pretrained``/``push_adapter_to_hub`` store only ΔW's values on the support and Δb, in
+        ``storage_dtype`` (the values are rounded to it here, so the model computes what the file holds), and the
+        saved config says ``consolidated: true``. Outputs in eval mode are unchanged (up to that rounding). Call it
+        once training is over: the consolidated adapter still trains as one masked delta, but without branches and
+        DropPath, and a training checkpoint in this form no longer resumes the branches.
+
+        An adapter that is consolidated already is left as it is, so a second call changes nothing.
+
+        Args:
+            adapter_names: the adapter name or names to consolidate; default: every Consolidator adapter of the model.
+
+        Raises:
+            TypeError: ``adapter_names`` is not a name or a list of names (nothing is changed).
+            ValueError: an adapter name the model does not hold (nothing is changed).
+        """
+        names = list(self.peft_config) if adapter_names is None else (
+            [adapter_names] if isinstance(adapter_names, str) else adapter_names
+        )
+        if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) for name in names):
+            raise TypeError(f"consolidate() takes an adapter name or a list of names, got {adapter_names!r}.")
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Cannot consolidate adapters {unknown}: the model holds {sorted(self.peft_config)}.")
+        for name in names:
+            config = self.peft_config[name]
+            for _, layer in unwrap_to_tuner_layers(self.model, ConsolidatorLayer):
+                if layer.holds_branches(name):
+                    layer.to_consolidated(name, with_bias=config.rep_bias or config.train_bias,
+                                          storage_dtype=_STORAGE_DTYPES[config.storage_dtype])
+            config.consolidated = True
+
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        """Consolidated mode replaces each layer's branch tensors by ``consolidator_delta`` (ΔW's values on the
-        support, row-major) and ``consolidator_bias`` (Δb = bias delta + branch biases), cast to storage_dtype."""
+        """The adapter's tensors in the form its layers hold (see the class docstring); a consolidated layer's
+        ``consolidator_delta`` and ``consolidator_bias`` in ``storage_dtype``, everything else as trained."""
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         dtype = _STORAGE_DTYPES[config.storage_dtype]
-        if config.save_mode == "consolidated":
-            for name, layer in unwrap_to_tuner_layers(model, ConsolidatorLayer):
-                if adapter_name not in layer.consolidator_patterns:
-                    continue
-                name = name.removeprefix("_fsdp_wrapped_module.")
-                for key in [k for k in selected if k.startswith(f"{name}.consolidator_")]:
-                    del selected[key]
-                with torch.no_grad():
-                    values, bias = layer.consolidated_values(adapter_name)
-                selected[f"{name}.consolidator_delta.{adapter_name}"] = values
-                if bias is not None:
-                    selected[f"{name}.consolidator_bias.{adapter_name}"] = bias.detach()
+        consolidated = {key.partition(".consolidator_delta")[0] for key in selected if ".consolidator_delta" in key}
         return {
-            k: (v.to(dtype).contiguous() if ".consolidator_" in k and v.is_floating_point() else v)
-            for k, v in selected.items()
+            key: value.to(dtype).contiguous()
+            if key.partition(".consolidator_")[0] in consolidated and value.is_floating_point() else value
+            for key, value in selected.items()
         }
 
     @classmethod
@@ -162,59 +190,45 @@ class ConsolidatorModel(ValidatedLoadMixin, BaseTuner):
     # -- loading ------------------------------------------------------------------------------------------------
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """A consolidated file loads into live branches (PeftModel.from_pretrained, load_adapter, Trainer resume,
-        set_peft_model_state_dict): each layer's stored ΔW values and Δb are split exactly into its branch tensors
-        (``ConsolidatorLayer.split_consolidated``). Only transformers' own ``load_adapter``, which bypasses this hook,
-        keeps the consolidated state (one delta vector per layer)."""
-        if any(".consolidator_delta" in key for key in state_dict):
-            state_dict = _split_consolidated(model, config, adapter_name, state_dict)
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        """Every layer takes the form of its tensors in the file before they are loaded (peft's loaders,
+        set_peft_model_state_dict, Trainer resume), so a consolidated file becomes consolidated layers and a branch
+        file branches, each holding exactly the stored values. Stored fp16/bf16 values load in the layer's dtype. A
+        file the checks refuse leaves an adapter the model held before as it was (its form too)."""
+        consolidated, switched = config.consolidated, _take_form_of_file(model, config, adapter_name, state_dict)
+        try:
+            remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        except ValueError:
+            config.consolidated = consolidated
+            for layer, form in switched:
+                if adapter_name in layer.consolidator_patterns:  # not removed with an adapter injected for this load
+                    layer.put_adapter_form(adapter_name, form)
+            raise
         return {k: _cast_like_model(model, k, v) for k, v in remapped.items()}
 
 
-def _split_consolidated(model, config, adapter_name, state_dict):
-    """Replaces every layer's ``consolidator_delta``/``consolidator_bias`` by the branch tensors they split into; on a
-    delta whose length is not the layer's support size, raises before any layer changes and undoes the injection."""
-    layers = {}
+def _take_form_of_file(model, config, adapter_name, state_dict) -> list[tuple[ConsolidatorLayer, dict]]:
+    """Switches each layer holding ``adapter_name`` to the form (branches or consolidated) its tensors in
+    ``state_dict`` have, and records the form in ``config.consolidated``. Layers without tensors in the file are left
+    to the file checks, which name them. Returns the switched layers with their earlier form (`adapter_form`)."""
+    stored = {key.removeprefix("base_model.model.") for key in state_dict}
+    forms, switched = [], []
     for name, layer in unwrap_to_tuner_layers(model, ConsolidatorLayer):
-        if adapter_name in layer.consolidator_patterns:
-            layers[name.removeprefix("base_model.model.")] = layer
-    stored = {key.removeprefix("base_model.model.").removesuffix(".consolidator_delta"): key
-              for key in state_dict if key.endswith(".consolidator_delta")}
-    split_dict = dict(state_dict)
-    pending = []
-    for name, layer in layers.items():  # model order, so that an error names the first bad layer
-        if name not in stored:
-            continue  # left to the file check, which names the missing tensor
-        key = stored[name]
-        values, prefix = state_dict[key], key.removesuffix("consolidator_delta")
-        if (prefix + "consolidator_bias" in state_dict) != (config.rep_bias or config.train_bias):
-            continue  # a damaged file: left unsplit, so the file check names the layer
-        expected = tuple(layer.consolidator_support[adapter_name].shape)
-        for part in ("consolidator_delta", "consolidator_bias"):
-            tensor = state_dict.get(prefix + part)
-            if tensor is not None and not tensor.is_floating_point():
-                undo_injection(model, adapter_name)
-                raise ValueError(
-                    f"{part} of layer '{name}' is stored as {tensor.dtype} in the Consolidator adapter file, but the "
-                    "layer holds float values: the file is damaged or was not written by this method."
-                )
-        if tuple(values.shape) != expected:
-            undo_injection(model, adapter_name)
-            raise ValueError(
-                f"consolidator_delta of layer '{name}' has shape "
-                f"{tuple(values.shape)} in the Consolidator adapter file, but the adapter config needs {expected}: the "
-                "file and its adapter_config.json disagree, or the file targets another model."
-            )
-        bias = split_dict.pop(prefix + "consolidator_bias", None)
-        del split_dict[key]
-        pending.append((prefix, layer, values, bias))
-    for prefix, layer, values, bias in pending:
-        layer.restore_branches(adapter_name, rep_bias=config.rep_bias, train_bias=config.train_bias)
-        with torch.no_grad():
-            for rest, value in layer.split_consolidated(adapter_name, values, bias).items():
-                split_dict[prefix + rest] = value
-    return split_dict
+        if adapter_name not in layer.consolidator_patterns:
+            continue
+        name = name.removeprefix("base_model.model.").removeprefix("_fsdp_wrapped_module.")
+        consolidated = f"{name}.consolidator_delta" in stored
+        if not consolidated and not any(key.startswith(f"{name}.consolidator_branches.") for key in stored):
+            continue
+        forms.append(consolidated)
+        if consolidated == layer.holds_branches(adapter_name):
+            switched.append((layer, layer.adapter_form(adapter_name)))
+            if consolidated:
+                layer.to_consolidated(adapter_name, with_bias=config.rep_bias or config.train_bias)
+            else:
+                layer.restore_branches(adapter_name, rep_bias=config.rep_bias, train_bias=config.train_bias)
+    if forms:
+        config.consolidated = all(forms)
+    return switched
 
 
 def _tower_of(module_name: str) -> str:

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from ...prompting import ContextPromptLayer, PromptSlots
-from ...prompting.init import initial_context
+from ...prompting.init import initial_context, perturbed
 from .config import CoOpConfig
 
 
@@ -26,7 +26,7 @@ class CoOpLayer(ContextPromptLayer):
         n, d = config.n_ctx, tok.shape[1]
         shape = (config.num_classes, n, d) if config.csc else (n, d)
         with torch.no_grad():
-            ctx = initial_context(tok, config, shape)
+            ctx = perturbed(initial_context(tok, config, shape), config)
         self.coop_ctx[adapter_name] = nn.Parameter(ctx.float())
         self.coop_slots[adapter_name] = config.prompt_slots()
         self._move_to_base_device(adapter_name)

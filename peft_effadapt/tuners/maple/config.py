@@ -4,12 +4,11 @@ from dataclasses import dataclass
 
 from peft.utils import PeftType
 
-from ...prompting import ContextPromptConfig
-from ...prompting.config import check_deep_prompt_fields, maple_n_ctx_field, prompt_depth_field
+from ...prompting.config import DeepPromptConfig
 
 
 @dataclass
-class MaPLeConfig(ContextPromptConfig):
+class MaPLeConfig(DeepPromptConfig):
     """Configuration of a [`MaPLeModel`] (Khattak et al., "MaPLe: Multi-modal Prompt Learning", CVPR 2023): prompts in
     both CLIP towers, tied by learned couplings.
 
@@ -22,12 +21,8 @@ class MaPLeConfig(ContextPromptConfig):
     Not mergeable: the visual prompts change the image encoder.
     """
 
-    maple_n_ctx: int = maple_n_ctx_field()
-    prompt_depth: int = prompt_depth_field()
-
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PeftType.MAPLE
         if self.csc:
             raise ValueError("MaPLe learns one unified context; csc=True (class-specific context) is not supported.")
-        check_deep_prompt_fields(self)

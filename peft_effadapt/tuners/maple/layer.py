@@ -5,8 +5,9 @@ from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
 from ...prompting import PromptSlots
-from ...prompting.deep import DeepPromptLayer, DeepPromptShape, maple_tensors
-from ...prompting.init import perturbed, placeholder_row, token_rows
+from ...prompting.config import DeepPromptShape
+from ...prompting.deep import DeepPromptLayer
+from ...prompting.init import maple_prompt, perturbed
 from .config import MaPLeConfig
 
 
@@ -19,25 +20,20 @@ class MaPLeLayer(DeepPromptLayer):
     other_param_names = ("maple_fixed", "maple_shape", "maple_slots")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: MaPLeConfig, vision_width: int) -> None:
-        super().__init__(base_layer)
+        super().__init__(base_layer, vision_width)
         self.maple_prompts = nn.ModuleDict({})
         self.maple_fixed = BufferDict({}, persistent=False)
         self.maple_shape: dict[str, DeepPromptShape] = {}
         self.maple_slots: dict[str, PromptSlots] = {}
-        self.vision_width = vision_width
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
     def update_layer(self, adapter_name: str, config: MaPLeConfig, inference_mode: bool = False) -> None:
-        tok = self.token_embedding.weight
-        ctx_rows = token_rows(tok, config.ctx_init_token_ids)
-        placeholder = placeholder_row(tok, config)
-        shape = DeepPromptShape(config.maple_n_ctx, config.prompt_depth)
-        tensors, fixed = maple_tensors(ctx_rows, placeholder, config.n_ctx, shape, self.vision_width, config.init_std)
-        tensors = {k: perturbed(v, config) for k, v in tensors.items()}
-        self.maple_prompts[adapter_name] = nn.ParameterDict({k: nn.Parameter(v.float()) for k, v in tensors.items()})
+        tensors, fixed = maple_prompt(self.token_embedding.weight, config, self.vision_width)
+        self.maple_prompts[adapter_name] = nn.ParameterDict(
+            {k: nn.Parameter(perturbed(v, config).float()) for k, v in tensors.items()})
         self.maple_fixed[adapter_name] = fixed.float()
-        self.maple_shape[adapter_name] = shape
+        self.maple_shape[adapter_name] = config.deep_shape()
         self.maple_slots[adapter_name] = config.prompt_slots()
         self._move_to_base_device(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)

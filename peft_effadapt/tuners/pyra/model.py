@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ...merging import SUPPORTED_MODELS, TokenMergingModel
+from ...merging import TokenMergingModel
 from .config import PYRAConfig
 from .layer import PYRABlock, PYRALayer
 
@@ -10,12 +10,22 @@ from .layer import PYRABlock, PYRALayer
 class PYRAModel(TokenMergingModel):
     """PYRA (Xiong et al., ECCV 2024): LoRA on q/k/v + ToMe token merging + parallel yielding re-activation.
 
-    Use it through peft: ``get_peft_model(vit, PYRAConfig(merge_schedule="low", modules_to_save=["classifier"]))``.
-    Supported: {models} (and subclasses). Saved per layer: ``pyra_lora_A`` (r×D, or 3r×D unshared), ``pyra_lora_B`` (3D×r) and, where
-    r_l > 0, ``pyra_w_r`` (r_l×1), ``pyra_w_d`` (1×D), ``pyra_norm``; the resolved schedule goes to the config.
-    ``merge_and_unload`` folds LoRA into q/k/v and returns the base class **still merging** with the PYRA modulation
-    (a patched model; `unload` gives the plain one).
-    """.format(models=", ".join(SUPPORTED_MODELS))
+    Built by peft from a [`PYRAConfig`] on a ViT, DeiT, CLIP or SigLIP vision tower, DINOv2 or MAE encoder (the
+    families of the [support matrix](../support-matrix.md), subclasses included). Saved per layer: ``pyra_lora_A``
+    (r×D, or 3r×D unshared), ``pyra_lora_B`` (3D×r) and, where r_l > 0, ``pyra_w_r`` (r_l×1), ``pyra_w_d`` (1×D),
+    ``pyra_norm``; the resolved schedule goes to the config. ``merge_and_unload`` folds LoRA into q/k/v and returns the
+    base class **still merging** with the PYRA modulation (a patched model; `unload` gives the plain one).
+
+    Example:
+        ```python
+        from peft import get_peft_model
+        from peft_effadapt import PYRAConfig
+        from peft_effadapt.testing import load_tiny_vit
+
+        model = get_peft_model(load_tiny_vit()[0], PYRAConfig(merge_schedule="low", modules_to_save=["classifier"]))
+        print(model.base_model.planned_token_counts())  # tokens entering each layer, then the output
+        ```
+    """
 
     method_name = "PYRA"
     prefix: str = "pyra_"
@@ -35,9 +45,21 @@ class PYRAModel(TokenMergingModel):
 
 
 def pyra_param_groups(model: nn.Module, lr: float, weight_decay: float = 1e-4, pyra_lr: float | None = None) -> list:
-    """AdamW parameter groups in the official recipe: trainable tensors with weight decay except 1-D tensors
-    (biases, LayerNorms); PYRA's W_r / W_D / LayerNorm at `pyra_lr` (argument, else the adapter config's `pyra_lr`,
-    else `lr` — which is what the official runs effectively used)."""
+    """AdamW parameter groups in the official recipe.
+
+    Trainable tensors get weight decay except 1-D ones (biases, LayerNorms); PYRA's W_r / W_D / LayerNorm train at
+    `pyra_lr`.
+
+    Args:
+        model (nn.Module): The PEFT model (its trainable parameters are grouped).
+        lr (float): Learning rate of LoRA and every other trained tensor.
+        weight_decay (float): Decay of the tensors with more than one dimension.
+        pyra_lr (float | None): Learning rate of PYRA's own tensors; None takes the adapter config's `pyra_lr`,
+            else `lr` (which is what the official runs effectively used: their `--pyra_lr` never took effect).
+
+    Returns:
+        list[dict]: Parameter groups for `torch.optim.AdamW`.
+    """
     if pyra_lr is None:
         configs = getattr(model, "peft_config", {})
         pyra_lr = next((c.pyra_lr for c in configs.values() if getattr(c, "pyra_lr", None) is not None), None)

@@ -5,8 +5,7 @@ from typing import Literal
 
 from peft.utils import PeftType
 
-from ...prompting import ContextPromptConfig
-from ...prompting.config import check_deep_prompt_fields, maple_n_ctx_field, prompt_depth_field
+from ...prompting.config import DeepPromptConfig
 from ...quantization import REFIT_MODES, default_kl_threshold
 
 HOSTS = ("coop", "rlp", "maple")
@@ -23,7 +22,7 @@ DEFAULT_TENSORS = {
 
 
 @dataclass
-class QPromptConfig(ContextPromptConfig):
+class QPromptConfig(DeepPromptConfig):
     """Configuration of a [`QPromptModel`] (Hao et al., "Quantized Prompt for Efficient Generalization of
     Vision-Language Models", ECCV 2024): quantisation-aware training of a CLIP prompt with a very low-bit K-means
     codebook on z-score-normalised weights, straight-through gradients and constrained adaptive clustering (CAC).
@@ -79,8 +78,6 @@ class QPromptConfig(ContextPromptConfig):
     )
     rlp_rank: int = field(default=1, metadata={"help": "host='rlp': rank r of A (n x r) @ B (r x d)."})
     rlp_dropout: float = field(default=0.1, metadata={"help": "host='rlp': element dropout on A @ B in training."})
-    maple_n_ctx: int = maple_n_ctx_field("host='maple': ")
-    prompt_depth: int = prompt_depth_field("host='maple': ")
 
     def __post_init__(self):
         super().__post_init__()
@@ -123,7 +120,11 @@ class QPromptConfig(ContextPromptConfig):
             raise ValueError(f"rlp_dropout must be a probability in [0, 1), got {self.rlp_dropout!r}.")
         if self.host == "rlp" and self.n_ctx is not None and self.rlp_rank > self.n_ctx:
             raise ValueError(f"rlp_rank={self.rlp_rank} exceeds n_ctx={self.n_ctx}.")
-        check_deep_prompt_fields(self, deep=self.host == "maple")
+
+    @property
+    def deep_prompts(self) -> bool:
+        """Deep prompts (`maple_n_ctx`, `prompt_depth`) only with the MaPLe host."""
+        return self.host == "maple"
 
     @property
     def quantized(self) -> bool:

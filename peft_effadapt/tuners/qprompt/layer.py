@@ -9,8 +9,9 @@ from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
 from ...prompting import PromptSlots
-from ...prompting.deep import DeepPromptLayer, DeepPromptShape, maple_tensors
-from ...prompting.init import adapter_device, perturbed, placeholder_row, token_rows
+from ...prompting.config import DeepPromptShape
+from ...prompting.deep import DeepPromptLayer
+from ...prompting.init import adapter_device, initial_context, low_rank_prompt, maple_prompt, perturbed
 from .config import QPromptConfig
 from .tensors import QuantizedTensors
 
@@ -20,30 +21,22 @@ class QPromptSettings:
     slots: PromptSlots
     host: str
     rlp_dropout: float = 0.0
-    maple_n_ctx: int = 0
-    prompt_depth: int = 1
-    vision_width: int | None = None
+    deep: DeepPromptShape | None = None  # the MaPLe host's deep prompts
 
 
 def host_tensors(config: QPromptConfig, tok: torch.Tensor, vision_width: int | None) -> tuple[dict, torch.Tensor]:
-    """(latent tensors by name, frozen rows) of a new adapter. Frozen rows: RLP's P0, MaPLe's fixed text tokens."""
-    n, d = config.n_ctx, tok.shape[1]
-    device = adapter_device(tok)
-    p0 = token_rows(tok, config.ctx_init_token_ids)
-    std = config.init_std
+    """(latent tensors by name, frozen rows) of a new adapter, initialised as the host method does. Frozen rows: RLP's
+    P0, MaPLe's fixed text tokens (none for CoOp)."""
     if config.host == "coop":
-        ctx = p0.clone() if p0 is not None else torch.randn(n, d, device=device) * std
-        tensors = {"ctx": ctx}
-        frozen = torch.zeros(0, d, device=device)
+        tensors = {"ctx": initial_context(tok, config, (config.n_ctx, tok.shape[1]))}
+        frozen = torch.zeros(0, tok.shape[1], device=adapter_device(tok))
     elif config.host == "rlp":
-        r = config.rlp_rank
-        tensors = {"A": torch.zeros(n, r, device=device), "B": torch.randn(r, d, device=device) * std}
-        frozen = p0 if p0 is not None else torch.zeros(n, d, device=device)
+        frozen, a, b = low_rank_prompt(tok, config, config.rlp_rank)
+        tensors = {"A": a, "B": b}
     else:
         if vision_width is None:
             raise ValueError("host='maple' needs a CLIPModel (text and vision towers); the model has no vision tower.")
-        tensors, frozen = maple_tensors(p0, placeholder_row(tok, config).to(device), n, DeepPromptShape(config.maple_n_ctx, config.prompt_depth),
-                                        vision_width, std)
+        tensors, frozen = maple_prompt(tok, config, vision_width)
     return {k: perturbed(v, config) for k, v in tensors.items()}, frozen
 
 
@@ -56,11 +49,10 @@ class QPromptLayer(DeepPromptLayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: QPromptConfig,
                  vision_width: int | None = None) -> None:
-        super().__init__(base_layer)
+        super().__init__(base_layer, vision_width)
         self.qprompt_params = nn.ModuleDict({})
         self.qprompt_frozen = BufferDict({}, persistent=False)
         self.qprompt_settings: dict[str, QPromptSettings] = {}
-        self.vision_width = vision_width
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
@@ -70,8 +62,7 @@ class QPromptLayer(DeepPromptLayer):
         self.qprompt_params[adapter_name] = QuantizedTensors(tensors, config, config.host)
         self.qprompt_frozen[adapter_name] = frozen.float()
         self.qprompt_settings[adapter_name] = QPromptSettings(
-            config.prompt_slots(), config.host, float(config.rlp_dropout),
-            config.maple_n_ctx, config.prompt_depth, self.vision_width)
+            config.prompt_slots(), config.host, float(config.rlp_dropout), config.deep_shape())
         self._move_to_base_device(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
@@ -113,8 +104,7 @@ class QPromptLayer(DeepPromptLayer):
 
     # -- MaPLe host: what the deep-prompt hooks read -----------------------------------------------------------
     def deep_shape(self, adapter_name: str) -> DeepPromptShape | None:
-        settings = self.qprompt_settings[adapter_name]
-        return DeepPromptShape(settings.maple_n_ctx, settings.prompt_depth) if settings.host == "maple" else None
+        return self.qprompt_settings[adapter_name].deep
 
     def deep_value(self, adapter_name: str, key: str) -> torch.Tensor:
         return self.value(adapter_name, key)

@@ -4,7 +4,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from ...peft_hooks import undo_injection
+from ...peft_hooks import refusing_damaged_weights
 from ...prompting.deep import DeepPromptTuner
 from ...targeting import unwrap_to_tuner_layers
 from .config import QPromptConfig
@@ -30,9 +30,6 @@ class QPromptModel(DeepPromptTuner):
     method_name = "QPrompt"
 
     # -- injection ------------------------------------------------------------------------------------------------
-    def _has_deep_prompts(self, config: QPromptConfig) -> bool:
-        return config.host == "maple"
-
     def _validate(self, config: QPromptConfig, embed_dim: int) -> None:
         if config.host == "rlp" and config.rlp_rank > min(config.n_ctx, embed_dim):
             raise ValueError(f"rlp_rank={config.rlp_rank} exceeds min(n_ctx={config.n_ctx}, d={embed_dim}).")
@@ -68,12 +65,9 @@ class QPromptModel(DeepPromptTuner):
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         """Checks the stored tensors against the config (the layers decode them at their next use); on any mismatch
-        removes the half-injected adapter and raises (nothing loaded)."""
-        try:
+        raises before anything is loaded (`refusing_damaged_weights`)."""
+        with refusing_damaged_weights(model, config, adapter_name):
             converted = cls._decode(model, adapter_name, state_dict)
-        except ValueError:
-            undo_injection(model, adapter_name)
-            raise
         return BaseTuner._remap_adapter_state_dict_for_load.__func__(cls, model, config, adapter_name, converted)
 
     @classmethod

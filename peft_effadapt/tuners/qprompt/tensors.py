@@ -82,6 +82,7 @@ class QuantizedTensors(nn.Module):
         self.pins: dict[str, Pin] = {}
         self._decoded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._last: dict[str, tuple[bool, torch.Tensor, torch.Tensor]] = {}  # (training, latent, values) per tensor
+        self._frozen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # (latent, eval value): freeze_for_inference
         if self.codebook_form:
             for name in self.quantize:
                 numel = getattr(self, name).numel()
@@ -123,9 +124,35 @@ class QuantizedTensors(nn.Module):
         return None
 
     # -- forward ------------------------------------------------------------------------------------------------
-    @torch.compiler.disable
     def value(self, name: str, training: bool) -> torch.Tensor:
-        """The tensor as used in the forward pass: quantised (STE) if selected, else the latent itself.
+        """The tensor as used in the forward pass: quantised (STE) if selected, else the latent itself. In eval mode
+        after `freeze_for_inference`, the frozen quantised values (no quantiser runs: a compiled forward is one
+        graph)."""
+        latent = getattr(self, name)
+        if name not in self.quantizers:
+            return latent
+        frozen = None if training else self._frozen.get(name)
+        if frozen is not None and frozen[0].device == latent.device and (
+                torch.compiler.is_compiling() or torch.equal(frozen[0], latent.detach())):
+            return straight_through(latent, frozen[1])
+        return self._live_value(name, training)
+
+    def freeze_for_inference(self) -> None:
+        """Computes the eval-mode value of every quantised tensor once, as deployed; `value` returns it in eval mode
+        until `train()` (eager forwards also re-quantise a latent changed since; a compiled graph trusts the frozen
+        values: compile again after changing the adapter). Called by `peft_effadapt.compile_for_inference`."""
+        with torch.no_grad():
+            self._frozen = {name: (getattr(self, name).detach().clone(), self._live_value(name, False).detach())
+                            for name in self.quantizers}
+
+    def train(self, mode: bool = True):
+        if mode:
+            self._frozen = {}
+        return super().train(mode)
+
+    @torch.compiler.disable
+    def _live_value(self, name: str, training: bool) -> torch.Tensor:
+        """The quantised value computed now (see `value`).
 
         Runs eagerly under torch.compile: the quantiser's control flow reads tensor values (loaded-form detection,
         cached quantisations, K-means to a tolerance, the refit schedule), and traced by inductor it trained to other

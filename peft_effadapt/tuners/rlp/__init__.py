@@ -1,6 +1,7 @@
 from ...peft_hooks import register_peft_method
+from ...prompting.init import truncated_svd
 from .config import RLPConfig
-from .layer import RLPLayer, low_rank_dropout, truncated_svd
+from .layer import RLPLayer, low_rank_dropout
 from .model import RLPModel
 
 __all__ = ["RLPConfig", "RLPLayer", "RLPModel", "low_rank_dropout", "truncated_svd"]

@@ -7,7 +7,7 @@ from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
 from ...prompting import ContextPromptLayer, PromptSlots
-from ...prompting.init import adapter_device, token_rows
+from ...prompting.init import low_rank_prompt
 from .config import RLPConfig
 
 
@@ -29,14 +29,6 @@ def low_rank_dropout(delta: torch.Tensor, p: float, mode: str, training: bool) -
     return delta * keep.to(delta.dtype) / (1.0 - p)
 
 
-def truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A0 = U_r S_r^1/2 (n x r), B0 = S_r^1/2 V_r^T (r x d): the best rank-r factorisation of `matrix` (fp64 SVD,
-    deterministic given the matrix, so the frozen residual can be rebuilt at load time)."""
-    u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
-    root = s[:rank].sqrt()
-    return (u[:, :rank] * root).float(), (root[:, None] * vh[:rank]).float()
-
-
 class RLPLayer(ContextPromptLayer):
     """CLIP text embeddings plus, per adapter, the low-rank factors `rlp_A` (n x r), `rlp_B` (r x d) and the frozen
     path `rlp_frozen` (n x d, rebuilt from the vocabulary, never saved). Class-specific context adds a leading C."""
@@ -54,30 +46,11 @@ class RLPLayer(ContextPromptLayer):
         self.update_layer(adapter_name, config)
 
     def update_layer(self, adapter_name: str, config: RLPConfig, inference_mode: bool = False) -> None:
-        tok = self.token_embedding.weight
-        n, r, d = config.n_ctx, config.rank, tok.shape[1]
-        device = adapter_device(tok)
-        std = config.init_std
-        p0 = token_rows(tok, config.ctx_init_token_ids)
-        if p0 is None:
-            p0 = torch.zeros(n, d, device=device)
-        has_p0 = config.ctx_init_token_ids is not None
+        n, r, d = config.n_ctx, config.rank, self.embed_dim
         with torch.no_grad():
-            if not config.use_init_path:
-                frozen = torch.zeros(n, d, device=device)
-                if has_p0:
-                    a, b = truncated_svd(p0, r)
-                else:
-                    a, b = torch.randn(n, r, device=device) * std, torch.randn(r, d, device=device) * std
-            elif config.init == "svd":
-                a, b = truncated_svd(p0, r)
-                frozen = p0 - a @ b
-            elif config.init == "zero":
-                frozen, a, b = p0, torch.zeros(n, r, device=device), torch.randn(r, d, device=device) * std
-            else:  # random
-                frozen, a, b = p0, torch.randn(n, r, device=device) * std, torch.randn(r, d, device=device) * std
+            frozen, a, b = low_rank_prompt(self.token_embedding.weight, config, r, config.init, config.use_init_path)
             if not config.init_weights:
-                a, b = torch.randn(n, r, device=device) * 0.5, torch.randn(r, d, device=device) * 0.5
+                a, b = torch.randn(n, r, device=a.device) * 0.5, torch.randn(r, d, device=b.device) * 0.5
             if config.csc:
                 c = config.num_classes
                 a, b = a.expand(c, n, r).clone(), b.expand(c, r, d).clone()

@@ -19,8 +19,9 @@ from ...merging import (
     block_attention,
     fire_forward_hooks,
     group_sequences,
-    merge_wavg,
+    merge_tokens,
     run_merging_block,
+    unpack_weighted,
 )
 from .schedule import LayerPlan
 
@@ -70,12 +71,17 @@ def vision_block_forward(
             f"{sequences} sequences: pass videos as (batch, num_frames, C, H, W) or (batch·num_frames, C, H, W)."
         )
     size = state.size if state.size is not None else hidden_states.new_ones(sequences, num_tokens, 1)
-    metric = group_sequences(hidden_states.detach(), g, c)
-    x = hidden_states
-    if clip_position is not None and plan.r_cross > 0:
-        x = x + clip_position.to(x.dtype).repeat(sequences // plan.items_in, 1)[:, None, :]
-    x, size = group_sequences(x, g, c), group_sequences(size, g, c)
-    merge = bipartite_soft_matching(metric, plan.r_cross, protected=g * c)
-    x, size = merge_wavg(merge, x, size)
+    if plan.r_cross > 0:
+        x = hidden_states
+        if clip_position is not None:
+            x = x + clip_position.to(x.dtype).repeat(sequences // plan.items_in, 1)[:, None, :]
+        # one regrouping moves the metric (the block input; the matching runs without gradient) and the packed
+        # [x·s, s] of `pack_weighted` together
+        grouped = group_sequences(torch.cat([hidden_states, x * size, size], dim=-1), g, c)
+        metric, weighted = grouped.split([hidden_states.shape[-1], x.shape[-1] + 1], dim=-1)
+        merge = bipartite_soft_matching(metric, plan.r_cross, protected=g * c)
+        x, size = unpack_weighted(merge_tokens(merge, weighted, mode="sum"))
+    else:
+        x, size = group_sequences(hidden_states, g, c), group_sequences(size, g, c)
     return run_merging_block(block, layout, x, attention_mask, kwargs, state=TokenState(x.shape[1], size),
                              block_input=hidden_states, **common)

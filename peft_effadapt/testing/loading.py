@@ -1,5 +1,5 @@
-"""CLIP and an image-classification dataset in one call: the bundled tiny CLIP with a generated set (offline), or a
-Hub id / local folder of a `CLIPModel` + `CLIPProcessor` with a `datasets` image-classification set."""
+"""CLIP and an image-classification dataset in one call, for the examples: the bundled tiny CLIP with a generated set
+(offline), or a Hub id / local folder of a `CLIPModel` + `CLIPProcessor` with a `datasets` image-classification set."""
 
 from __future__ import annotations
 
@@ -7,6 +7,10 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from torch import nn
+
+from .checkpoints import load_tiny_clip
+from .data import make_classification_dataset
+from .processing import dataset_images
 
 
 class CLIPWithData(NamedTuple):
@@ -21,8 +25,6 @@ class CLIPWithData(NamedTuple):
 def load_clip(model_id: str | None = None) -> tuple[nn.Module, object, Callable, Callable]:
     """(model, tokenizer, images -> pixel_values, dataset -> images). `model_id=None`: the bundled tiny CLIP."""
     if model_id is None:
-        from ..testing import dataset_images, load_tiny_clip
-
         clip, processor = load_tiny_clip()
         return clip, processor.tokenizer, processor.image_processor.to_pixel_values, dataset_images
     from transformers import CLIPModel, CLIPProcessor
@@ -43,8 +45,6 @@ def load_clip_with_data(model_id: str | None, dataset: str) -> CLIPWithData:
     with the bundled CLIP, otherwise a `datasets` id or folder with an `image` and a `label` column."""
     clip, tokenizer, to_pixel_values, images_of = load_clip(model_id)
     if model_id is None:
-        from ..testing import make_classification_dataset
-
         train, test = (make_classification_dataset(dataset, split) for split in ("train", "test"))
     else:
         from datasets import load_dataset
