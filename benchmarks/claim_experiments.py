@@ -15,8 +15,9 @@ import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
-import numpy as np
 import torch
+from lftl_ablation import ABLATION_ARMS, BUDGET_ARMS, POOL_ARMS, QUERY_ARMS, VISDA_RATIO, domain_data, run_round1_query
+from maple_recipe import MAPLE_VARIANTS, run_maple_variant
 from peft import get_peft_model
 
 FULL, SMALL = "full", "small"
@@ -73,9 +74,14 @@ def equal_noise_std(bits: int) -> float:
     return float((values - ctx).pow(2).mean().sqrt())
 
 
-def prompt_config(arm: str):
+def text_layers() -> int:
+    return _clip()[0].config.text_config.num_hidden_layers
+
+
+def prompt_config(arm: str, maple_depth: int | None = None):
     """Config factory of a prompt arm. CoCoOp and MaPLe take their papers' layouts (CoCoOp: CoOp's context + the
-    meta-net; MaPLe: the first 2 of "a photo of a" learned, prompts in every layer of the tiny CLIP, depth <= 9)."""
+    meta-net; MaPLe: the first 2 of "a photo of a" learned, prompts in every layer of the tiny CLIP, depth <= 9,
+    or `maple_depth`)."""
     from peft_effadapt import CoCoOpConfig, CoOpConfig, MaPLeConfig, QPromptConfig, RLPConfig
 
     _, _, tokenizer, _ = _clip()
@@ -85,7 +91,7 @@ def prompt_config(arm: str):
     if arm == "CoCoOp":
         return CoCoOpConfig(ctx_init=init).resolve_tokens(tokenizer)
     if arm == "MaPLe":
-        depth = min(9, _fresh_clip().config.text_config.num_hidden_layers)
+        depth = maple_depth or min(9, text_layers())
         return MaPLeConfig(ctx_init=init, prompt_depth=depth).resolve_tokens(tokenizer)
     if arm == "RLP r=1":
         return RLPConfig(ctx_init=init, rank=1).resolve_tokens(tokenizer)
@@ -102,7 +108,9 @@ def prompt_config(arm: str):
 PROMPT_ARMS = ("CoOp", "RLP r=1", "QCoOp 1b", "QCoOp 2b", "noise-CoOp 1b", "noise-CoOp 2b", "CoCoOp", "MaPLe")
 
 
-def run_prompt(arm: str, seed: int, s: dict) -> dict:
+def run_prompt(arm: str, seed: int, s: dict, recipe: dict | None = None) -> dict:
+    """One prompt arm on the shared recipe of `s` or, given `recipe` (a `prompt_recipes.scaled` dict), on that."""
+    from prompt_recipes import train_by_epochs
     from rlp import TEMPLATE, train
 
     from peft_effadapt import CLIPZeroShotClassifier
@@ -113,9 +121,16 @@ def run_prompt(arm: str, seed: int, s: dict) -> dict:
     for name in s["sets"]:
         base_train, base_test, novel_test = _prompt_data(name, s["test_per_class"], s["shots"], seed)
         torch.manual_seed(seed)
-        model = get_peft_model(_fresh_clip(), prompt_config(arm))
+        config = prompt_config(arm, maple_depth=recipe and recipe["depth"])
+        if recipe is not None and _context_length(config) != recipe["n_ctx"]:
+            raise ValueError(f"{arm}: its config learns {_context_length(config)} context tokens, its paper "
+                             f"recipe {recipe['n_ctx']}")
+        model = get_peft_model(_fresh_clip(), config)
         clf = CLIPZeroShotClassifier(model, tokenizer, template=TEMPLATE)
-        train(clf, base_train, to_pixels, s["steps"], s["lr"], s["batch"], seed)
+        if recipe is None:
+            train(clf, base_train, to_pixels, s["steps"], s["lr"], s["batch"], seed)
+        else:
+            train_by_epochs(clf, base_train, to_pixels, recipe, seed)
         per_set[name] = evaluate_base_to_novel(clf, base_test, novel_test, to_pixels)
     out = average_base_to_novel(list(per_set.values()))
     from qprompt import payload
@@ -125,6 +140,36 @@ def run_prompt(arm: str, seed: int, s: dict) -> dict:
     out["test_images"] = sum(len(d[1]) + len(d[2]) for d in (
         _prompt_data(n, s["test_per_class"], s["shots"], seed) for n in s["sets"]))
     return {**out, "per_set": per_set}
+
+
+def _context_length(config) -> int:
+    maple = type(config).__name__ == "MaPLeConfig" or getattr(config, "host", None) == "maple"
+    return config.maple_n_ctx if maple else config.n_ctx
+
+
+def own_recipe_settings(base: dict, epochs_cap: int | None = None) -> dict:
+    """`base` (the shared prompt settings: data, shots) + each arm's paper recipe and the scaling knobs (JSON)."""
+    from dataclasses import asdict
+
+    from prompt_recipes import ARM_RECIPE, LR_SCALE, RECIPES
+
+    return {**{k: base[k] for k in ("sets", "shots", "test_per_class")}, "recipes": dict(ARM_RECIPE),
+            "papers": {name: asdict(recipe) for name, recipe in RECIPES.items()}, "lr_scale": LR_SCALE,
+            "epochs_cap": epochs_cap}
+
+
+def run_prompt_own(arm: str, seed: int, s: dict, epochs: int | None = None) -> dict:
+    """`arm` on its own paper's recipe (for `epochs` instead of the paper's, if given), scaled to the testbed
+    (`prompt_recipes.scaled`); the scaled recipe is kept with the metrics."""
+    from prompt_recipes import Recipe, scaled
+
+    paper = s["papers"][s["recipes"][arm]]
+    epochs = epochs or paper["epochs"]
+    if s["epochs_cap"]:  # cut-down CI runs only
+        epochs = min(epochs, s["epochs_cap"])
+    n_train = len(_prompt_data(s["sets"][0], s["test_per_class"], s["shots"], seed)[0])
+    recipe = scaled(Recipe(**{**paper, "epochs": epochs}), n_train, text_layers(), s["lr_scale"])
+    return {**run_prompt(arm, seed, s, recipe), "recipe": {"paper": s["recipes"][arm], **recipe}}
 
 
 # -- image classification with a ViT / CLIP vision tower (PYRA, Consolidator) ------------------------------------------
@@ -268,28 +313,13 @@ def run_tempme(arm: str, seed: int, s: dict) -> dict:
 
 
 # -- active learning (LFTL) -------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=2)
-def _domain_data(pool_per_class: int, test_per_class: int):
-    from peft_effadapt.testing import make_domain_dataset
-
-    return (make_domain_dataset("target", "train", n_per_class=pool_per_class),
-            make_domain_dataset("target", "test", n_per_class=test_per_class))
-
-
 LFTL_ARMS = ("contrastive", "entropy", "margin", "random")
 
 
 def run_lftl(arm: str, seed: int, s: dict) -> dict:
-    from lftl import run_one
+    from lftl_ablation import run_variant
 
-    pool, test = _domain_data(s["pool_per_class"], s["test_per_class"])
-    cfg = dict(num_rounds=s["rounds"], ratio_per_round=s["ratio"], epochs_per_round=s["epochs"], lr=s["lr"],
-               class_balance_topk=100)
-    history = run_one(arm, seed, pool, test, cfg)
-    acc = [100 * r["accuracy"] for r in history]
-    out = {f"accuracy_round{i}": a for i, a in enumerate(acc)}
-    out.update(aubc=float(np.mean(acc[1:])), budgets=[r["num_labelled"] for r in history], test_images=len(test))
-    return out
+    return run_variant(arm, seed, s)
 
 
 # -- structured pruning (ResRep, C-SGD vs L1 + fine-tune) ---------------------------------------------------------------
@@ -339,17 +369,30 @@ def _prepare_image(backbone: str):
     return lambda s, seeds: _image_data(backbone, s["task"], s["train_per_class"], s["test_per_class"])
 
 
+def _prepare_lftl(s: dict, seeds: list[int]) -> None:
+    for seed in seeds if s.get("pool_seed") == "run" else [0]:
+        domain_data(s["pool_per_class"], s["test_per_class"], seed)
+
+
 # -- the registry ----------------------------------------------------------------------------------------------------
+_LFTL_FULL = dict(pool_per_class=64, test_per_class=256, rounds=5, ratio=0.02, epochs=3, lr=0.01)
+_LFTL_SMALL = dict(pool_per_class=4, test_per_class=2, rounds=1, ratio=0.25, epochs=1, lr=0.01)
 _IMAGE_FULL = dict(task="clutter", train_per_class=64, test_per_class=256, epochs=15, batch=32, lr=3e-3, rank=8)
 _IMAGE_SMALL = dict(task="clutter", train_per_class=4, test_per_class=4, epochs=1, batch=16, lr=3e-3, rank=8)
 
+_PROMPTS_FULL = dict(sets=["clutter"], shots=16, test_per_class=256, steps=300, lr=0.1, batch=32)
+_PROMPTS_SMALL = dict(sets=["shapes"], shots=2, test_per_class=2, steps=2, lr=0.1, batch=8)
+
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
-    Experiment("prompts", PROMPT_ARMS, run_prompt, {
-        FULL: dict(sets=["clutter"], shots=16, test_per_class=256, steps=300, lr=0.1, batch=32),
-        SMALL: dict(sets=["shapes"], shots=2, test_per_class=2, steps=2, lr=0.1, batch=8)},
-        "bundled tiny CLIP, base-to-novel (CoOp protocol) on `clutter` (where CoOp loses novel accuracy against "
-        "zero-shot CLIP: the forgetting these methods address; one set for the CPU budget), 16 shots drawn with "
-        "the run's seed",
+    Experiment("prompts", PROMPT_ARMS, run_prompt, {FULL: _PROMPTS_FULL, SMALL: _PROMPTS_SMALL},
+               "bundled tiny CLIP, base-to-novel (CoOp protocol) on `clutter` (where CoOp loses novel accuracy "
+               "against zero-shot CLIP: the forgetting these methods address; one set for the CPU budget), 16 shots "
+               "drawn with the run's seed; every arm on one shared recipe (300 SGD steps, lr 0.1, batch 32)",
+               _prepare_prompts),
+    Experiment("prompts_own", PROMPT_ARMS, run_prompt_own, {
+        FULL: own_recipe_settings(_PROMPTS_FULL), SMALL: own_recipe_settings(_PROMPTS_SMALL, epochs_cap=1)},
+        "as `prompts`, each arm on its own paper's recipe (lr, batch, epochs, warm-up + cosine, context length, "
+        "depth), scaled to the testbed by one rule (benchmarks/prompt_recipes.py)",
         _prepare_prompts),
     Experiment("pyra_vit", PYRA_ARMS, run_pyra("vit"), {FULL: _IMAGE_FULL, SMALL: _IMAGE_SMALL},
                "bundled tiny ViT adapted to `clutter` (pyra.py recipe), accuracy of the merged model",
@@ -357,6 +400,11 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
     Experiment("pyra_clip", PYRA_ARMS, run_pyra("clip"), {FULL: _IMAGE_FULL, SMALL: _IMAGE_SMALL},
                "bundled tiny CLIP vision tower + linear head adapted to `clutter` (pyra.py recipe)",
                _prepare_image("clip")),
+    Experiment("maple_recipe", tuple(MAPLE_VARIANTS), run_maple_variant, {
+        FULL: {**_PROMPTS_FULL, **own_recipe_settings(_PROMPTS_FULL)},
+        SMALL: {**_PROMPTS_SMALL, **own_recipe_settings(_PROMPTS_SMALL, epochs_cap=1)}},
+        "MaPLe on `prompts`' data, its own recipe trained longer and the shared recipe shortened or at a lower lr",
+        _prepare_prompts),
     Experiment("consolidator", CONSOLIDATOR_ARMS, run_consolidator, {
         FULL: dict(_IMAGE_FULL, lr=1e-3), SMALL: _IMAGE_SMALL},
         "bundled tiny ViT adapted to `clutter`; LoRA on the same block Linears at the closest trainable count",
@@ -366,11 +414,23 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
         SMALL: dict(train_videos=4, test_videos=4, steps=2, batch=2, lr=1e-3)},
         "bundled tiny CLIP fine-tuned for text-video retrieval (tempme.py recipe)",
         lambda s, seeds: _video_data(s["train_videos"], s["test_videos"])),
-    Experiment("lftl", LFTL_ARMS, run_lftl, {
-        FULL: dict(pool_per_class=64, test_per_class=256, rounds=5, ratio=0.02, epochs=3, lr=0.01),
-        SMALL: dict(pool_per_class=4, test_per_class=2, rounds=1, ratio=0.25, epochs=1, lr=0.01)},
-        "source-trained tiny ResNet adapted to the target domain with LFTL rounds (lftl.py recipe)",
-        lambda s, seeds: _domain_data(s["pool_per_class"], s["test_per_class"])),
+    Experiment("lftl", LFTL_ARMS, run_lftl, {FULL: _LFTL_FULL, SMALL: _LFTL_SMALL},
+               "source-trained tiny ResNet adapted to the target domain with LFTL rounds (lftl.py recipe)",
+               _prepare_lftl),
+    Experiment("lftl_ablation", ABLATION_ARMS, run_lftl, {FULL: _LFTL_FULL, SMALL: _LFTL_SMALL},
+               "LFTL's sampler one component at a time (lftl_ablation.py), on the `lftl` settings", _prepare_lftl),
+    Experiment("lftl_pools", POOL_ARMS, run_lftl, {
+        FULL: dict(_LFTL_FULL, pool_seed="run"), SMALL: dict(_LFTL_SMALL, pool_seed="run")},
+        "as `lftl`, the target pool drawn with the run's seed (so the round-1 query differs between seeds)",
+        _prepare_lftl),
+    Experiment("lftl_queries", QUERY_ARMS, run_round1_query, {
+        FULL: dict(_LFTL_FULL, pool_seed="run"), SMALL: dict(_LFTL_SMALL, pool_seed="run")},
+        "the round-1 query alone (source model, no training) on a pool drawn per seed: classes it covers",
+        _prepare_lftl),
+    Experiment("lftl_budget", BUDGET_ARMS, run_lftl, {
+        FULL: dict(_LFTL_FULL, pool_seed="run", ratio=VISDA_RATIO, rounds=3),
+        SMALL: dict(_LFTL_SMALL, pool_seed="run")},
+        "as `lftl_pools`, buying VisDA-C's labels per class and round (37 a round, 3 rounds)", _prepare_lftl),
     Experiment("pruning", PRUNING_ARMS, run_pruning, {
         FULL: dict(train_per_class=128, test_per_class=256, flops_target=0.5, steps=600),
         SMALL: dict(train_per_class=2, test_per_class=2, flops_target=0.5, steps=2)},

@@ -40,3 +40,45 @@ def paired(arm: dict[int, float], baseline: dict[int, float], min_seeds: int = M
     else:
         verdict = "inconclusive"
     return {**out, "mean_difference": mean, "ci95": ci, "verdict": verdict}
+
+
+def paired_power(n: int, effect: float, sd: float, alpha: float = 0.05) -> float:
+    """Power of the two-sided paired t-test at level `alpha` with `n` pairs, for a true mean difference `effect`
+    whose per-pair differences have standard deviation `sd` (noncentral t, exact)."""
+    from scipy import stats
+
+    if n < 2:
+        raise ValueError(f"a paired t-test needs n >= 2 pairs, got {n}")
+    if sd <= 0:
+        return 1.0 if effect != 0 else alpha
+    df, ncp = n - 1, effect / sd * math.sqrt(n)
+    critical = stats.t.ppf(1 - alpha / 2, df)
+    return float(stats.nct.sf(critical, df, ncp) + stats.nct.cdf(-critical, df, ncp))
+
+
+def seeds_needed(effect: float, sd: float, power: float = 0.8, alpha: float = 0.05, max_n: int = 100_000) -> int:
+    """Smallest number of paired seeds for which the paired t-test detects `effect` with `power` at spread `sd`."""
+    if effect == 0:
+        raise ValueError("a zero effect cannot be detected with any number of seeds")
+    low, high = 2, 2
+    while paired_power(high, effect, sd, alpha) < power:  # doubling, then bisection (power rises with n)
+        low, high = high, high * 2
+        if high > max_n:
+            raise ValueError(f"effect {effect} at sd {sd} needs more than {max_n} seeds")
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (mid + 1, high) if paired_power(mid, effect, sd, alpha) < power else (low, mid)
+    return low
+
+
+def detectable_effect(n: int, sd: float, power: float = 0.8, alpha: float = 0.05) -> float:
+    """The smallest true difference that `n` paired seeds detect with `power` at spread `sd` (two-sided)."""
+    if sd <= 0:
+        return 0.0
+    low, high = 0.0, sd
+    while paired_power(n, high, sd, alpha) < power:
+        high *= 2
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if paired_power(n, mid, sd, alpha) < power else (low, mid)
+    return high

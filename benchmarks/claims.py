@@ -22,61 +22,24 @@ import multiprocessing
 import sys
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from claim_experiments import EXPERIMENTS, FULL, SMALL  # noqa: E402
+from claim_explain import power, why  # noqa: E402
+from claim_list import CLAIMS, Claim  # noqa: E402, F401 - Claim re-exported
 from claim_stats import MIN_SEEDS, paired  # noqa: E402
+from lftl_ablation import ablation_markdown, ablation_table  # noqa: E402
+from maple_recipe import maple_markdown, maple_rows  # noqa: E402
 
 from common import RESULTS, machine  # noqa: E402
 
 RUNS = RESULTS / "claims_runs"
 
 
-@dataclass(frozen=True)
-class Claim:
-    """`arm` is claimed better than `baseline` on `metric` (higher is better) in `experiment`."""
-
-    name: str
-    experiment: str
-    arm: str
-    baseline: str
-    metric: str
-
-
-CLAIMS = (
-    Claim("RLP beats CoOp on novel classes at ~1/4 of the parameters", "prompts", "RLP r=1", "CoOp", "novel"),
-    Claim("RLP beats CoOp on HM at ~1/4 of the parameters", "prompts", "RLP r=1", "CoOp", "hm"),
-    Claim("QCoOp 1-bit beats CoOp (HM)", "prompts", "QCoOp 1b", "CoOp", "hm"),
-    Claim("QCoOp 2-bit beats CoOp (HM)", "prompts", "QCoOp 2b", "CoOp", "hm"),
-    Claim("QCoOp 1-bit beats noise-CoOp of equal magnitude (HM)", "prompts", "QCoOp 1b", "noise-CoOp 1b", "hm"),
-    Claim("QCoOp 2-bit beats noise-CoOp of equal magnitude (HM)", "prompts", "QCoOp 2b", "noise-CoOp 2b", "hm"),
-    Claim("CoCoOp beats CoOp on novel classes (its meta-net's purpose)", "prompts", "CoCoOp", "CoOp", "novel"),
-    Claim("MaPLe beats CoCoOp on HM", "prompts", "MaPLe", "CoCoOp", "hm"),
-    Claim("QCoOp 1-bit beats CoCoOp (HM)", "prompts", "QCoOp 1b", "CoCoOp", "hm"),
-    Claim("PYRA beats LoRA+ToMe at equal FLOPs, low compression (ViT)", "pyra_vit", "PYRA low", "LoRA+ToMe low",
-          "accuracy"),
-    Claim("PYRA beats LoRA+ToMe at equal FLOPs, high compression (ViT)", "pyra_vit", "PYRA high", "LoRA+ToMe high",
-          "accuracy"),
-    Claim("PYRA beats LoRA+ToMe at equal FLOPs, low compression (CLIP vision)", "pyra_clip", "PYRA low",
-          "LoRA+ToMe low", "accuracy"),
-    Claim("PYRA beats LoRA+ToMe at equal FLOPs, high compression (CLIP vision)", "pyra_clip", "PYRA high",
-          "LoRA+ToMe high", "accuracy"),
-    Claim("TempMe+LoRA beats meanP+LoRA on R-Sum at fewer GMACs", "tempme", "TempMe+LoRA", "meanP+LoRA", "t2v_R-Sum"),
-    Claim("Consolidator beats LoRA at equal trainable parameters", "consolidator", "Consolidator",
-          "LoRA (equal params)", "accuracy"),
-    Claim("LFTL contrastive sampling beats random (mean accuracy over rounds)", "lftl", "contrastive", "random",
-          "aubc"),
-    Claim("LFTL contrastive sampling beats entropy (mean accuracy over rounds)", "lftl", "contrastive", "entropy",
-          "aubc"),
-    Claim("LFTL contrastive sampling beats margin (mean accuracy over rounds)", "lftl", "contrastive", "margin",
-          "aubc"),
-    Claim("ResRep beats L1 + fine-tune at 0.5 FLOPs", "pruning", "ResRep", "L1+fine-tune", "accuracy"),
-    Claim("C-SGD beats L1 + fine-tune at 0.5 FLOPs", "pruning", "C-SGD", "L1+fine-tune", "accuracy"),
-)
 # cheapest first: what finishes early fills the table early
-ORDER = ("prompts", "consolidator", "pyra_vit", "pyra_clip", "tempme", "pruning", "lftl")
+ORDER = ("prompts", "prompts_own", "consolidator", "pyra_vit", "pyra_clip", "tempme", "pruning", "lftl",
+         "maple_recipe", "lftl_ablation", "lftl_pools", "lftl_budget", "lftl_queries")
 
 
 def run_path(runs: Path, experiment: str, arm: str, seed: int) -> Path:
@@ -153,26 +116,36 @@ def collect(runs: Path, size: str) -> dict[str, dict[str, dict[int, dict]]]:
 
 def analyse(runs: Path, size: str, min_seeds: int = MIN_SEEDS) -> dict:
     data = collect(runs, size)
+    experiments = {n: {"description": e.description, "arms": list(e.arms), "settings": e.settings[size]}
+                   for n, e in EXPERIMENTS.items()}
+    ablation = ablation_table(data, experiments, min_seeds)
+    maple = maple_rows(data, min_seeds)
     rows = []
     for claim in CLAIMS:
         arms = data.get(claim.experiment, {})
         stats = paired(_metric(arms, claim.arm, claim.metric), _metric(arms, claim.baseline, claim.metric), min_seeds)
         row = {"claim": claim.name, "experiment": claim.experiment, "arm": claim.arm, "baseline": claim.baseline,
                "metric": claim.metric, **stats}
+        if claim.own:  # both arms on their own papers' recipes
+            own = data.get(claim.own, {})
+            row["own_recipe"] = {"experiment": claim.own, **paired(_metric(own, claim.arm, claim.metric),
+                                                                     _metric(own, claim.baseline, claim.metric),
+                                                                     min_seeds)}
         if claim.experiment == "lftl":  # the same comparison at every round
             rounds = sorted(k for k in next(iter(arms.values()), {}).get(0, {}) if k.startswith("accuracy_round"))
             row["per_round"] = {k: paired(_metric(arms, claim.arm, k), _metric(arms, claim.baseline, k), min_seeds)
                                 for k in rounds}
-        errors = [json.loads(p.read_text())["error"] for arm in (claim.arm, claim.baseline)
-                  for p in sorted(run_path(runs, claim.experiment, arm, 0).parent.glob("*.error.json"))]
+        row["power"] = power(stats, claim.paper, claim.source)
+        row["why"] = why(row, ablation, maple)
+        errors = [json.loads(p.read_text())["error"] for name in (claim.experiment, claim.own) if name
+                  for arm in (claim.arm, claim.baseline)
+                  for p in sorted(run_path(runs, name, arm, 0).parent.glob("*.error.json"))]
         if errors:
             row["errors"] = errors[:3]
         rows.append(row)
     summaries = {name: {arm: _summary(seeds) for arm, seeds in arms.items()} for name, arms in data.items()}
-    return {"size": size, "min_seeds": min_seeds,
-            "experiments": {n: {"description": e.description, "arms": list(e.arms), "settings": e.settings[size]}
-                            for n, e in EXPERIMENTS.items()},
-            "claims": rows, "arm_summaries": summaries}
+    return {"size": size, "min_seeds": min_seeds, "experiments": experiments, "claims": rows,
+            "lftl_ablation": ablation, "maple_recipe": maple, "arm_summaries": summaries}
 
 
 def _metric(arms: dict[str, dict[int, dict]], arm: str, key: str) -> dict[int, float]:
@@ -180,13 +153,14 @@ def _metric(arms: dict[str, dict[int, dict]], arm: str, key: str) -> dict[int, f
 
 
 def _summary(by_seed: dict[int, dict]) -> dict:
+    """Mean and sd over seeds of every number the runs share (runs made before a metric was added lack it)."""
     import statistics
 
-    first = next(iter(by_seed.values()))
-    keys = [k for k, v in first.items() if isinstance(v, (int, float))]
-    out = {"seeds": sorted(by_seed), **{k: v for k, v in first.items() if isinstance(v, list)}}  # e.g. budgets
+    runs = list(by_seed.values())
+    keys = [k for k, v in runs[0].items() if isinstance(v, (int, float)) and all(k in m for m in runs)]
+    out = {"seeds": sorted(by_seed), **{k: v for k, v in runs[0].items() if isinstance(v, list)}}  # e.g. budgets
     for k in keys:
-        values = [m[k] for m in by_seed.values()]
+        values = [m[k] for m in runs]
         out[k] = {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
     return out
 
@@ -195,14 +169,30 @@ def fmt(value: float | None) -> str:
     return "–" if value is None else f"{value:+.2f}"
 
 
+def _cell(stats: dict | None) -> tuple[str, str]:
+    """('n: difference [95 % CI]', verdict) of a paired comparison."""
+    if stats is None:
+        return "n/a", "n/a"
+    ci = stats["ci95"]
+    return fmt(stats["mean_difference"]) + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else ""), stats["verdict"]
+
+
 def table(result: dict) -> str:
-    lines = ["| claim | arm vs baseline | metric | seeds | mean difference [95 % CI] | verdict |",
-             "|---|---|---|---|---|---|"]
+    """The claims table: the shared-recipe verdict (as before), the own-recipe verdict, power and the reason."""
+    lines = ["| claim | arm vs baseline | metric | seeds | mean difference [95 % CI] | verdict | own recipe: seeds | "
+             "own recipe: mean difference [95 % CI] | own recipe: verdict | paper's effect | seeds for 80 % power | "
+             "why |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in result["claims"]:
-        ci = row["ci95"]
-        diff = fmt(row["mean_difference"]) + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "")
+        diff, verdict = _cell(row)
+        own = row.get("own_recipe")
+        own_diff, own_verdict = _cell(own)
+        p = row.get("power", {})
+        paper = "–" if p.get("paper_effect") is None else f"{p['paper_effect']:+.2f}"
+        needed = str(p["seeds_needed"]) if "seeds_needed" in p else "–"
         lines.append(f"| {row['claim']} | {row['arm']} vs {row['baseline']} | {row['metric']} | {row['n']} | "
-                     f"{diff} | {row['verdict']} |")
+                     f"{diff} | {verdict} | {own['n'] if own else 'n/a'} | {own_diff} | {own_verdict} | {paper} | "
+                     f"{needed} | {row.get('why') or ''} |")
     return "\n".join(lines) + "\n"
 
 
@@ -246,6 +236,9 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "claims.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "claims.md").write_text(table(result))
+    (out / "lftl_ablation.json").write_text(json.dumps(result["lftl_ablation"], indent=1) + "\n")
+    (out / "lftl_ablation.md").write_text(ablation_markdown(result["lftl_ablation"]))
+    (out / "maple_recipe.md").write_text(maple_markdown(result["maple_recipe"]))
     print(table(result))
     if not args.no_plots:
         try:

@@ -11,6 +11,7 @@ changes between curves. Writes benchmarks/results/lftl.json and lftl.png.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -31,6 +32,7 @@ SAMPLERS = ("contrastive", "entropy", "margin", "random")
 
 
 def run_one(sampler: str, seed: int, pool, test, cfg_kwargs: dict) -> list[dict]:
+    """The loop's per-round records, each with `labelled_per_class`: labels bought so far, per true class."""
     model, processor = load_source_classifier()
     cfg = LFTLConfig(seed=seed, **cfg_kwargs)
     with tempfile.TemporaryDirectory() as out:
@@ -38,7 +40,14 @@ def run_one(sampler: str, seed: int, pool, test, cfg_kwargs: dict) -> list[dict]
                                     preprocess=ImagePreprocess(processor),
                                     train_preprocess=ImagePreprocess(processor, hflip=True),
                                     eval_dataset=test, show_progress=False)
-        return loop.run()
+        history = loop.run()
+        counts = [0] * loop.num_classes
+        for record in history:
+            labels = Path(out) / f"round_{record['round']:03d}" / "labels.json"
+            for label in json.loads(labels.read_text())["labels"] if record["round"] else []:
+                counts[label] += 1
+            record["labelled_per_class"] = list(counts)
+        return history
 
 
 def main() -> None:
