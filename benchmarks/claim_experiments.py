@@ -19,6 +19,7 @@ import torch
 from lftl_ablation import ABLATION_ARMS, BUDGET_ARMS, POOL_ARMS, QUERY_ARMS, VISDA_RATIO, domain_data, run_round1_query
 from maple_recipe import MAPLE_VARIANTS, run_maple_variant
 from peft import get_peft_model
+from pyra_modulation import PYRA_LR_FACTORS, run_pyra_modulation
 
 FULL, SMALL = "full", "small"
 
@@ -205,7 +206,7 @@ def run_pyra(backbone: str):
                           "lora+tome-high", "PYRA high": "pyra-high"}[arm]]
         data = _image_data(backbone, s["task"], s["train_per_class"], s["test_per_class"])
         base = with_new_head(_backbone(backbone), len(CLASSIFICATION_SETS[s["task"]].class_names), seed)
-        args = SimpleNamespace(rank=s["rank"], lr=s["lr"], batch=s["batch"], epochs=s["epochs"])
+        args = SimpleNamespace(rank=s["rank"], lr=s["lr"], batch=s["batch"], epochs=s["epochs"], pyra_lr=s.get("pyra_lr"))
         res = adapt(base, method, data, args, seed)
         return {"accuracy": 100 * res["accuracy_merged"], "accuracy_unmerged": 100 * res["accuracy"],
                 "gflops": res["gflops"], "trainable": res["trainable"], "test_images": len(data[1][1])}
@@ -400,6 +401,9 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
     Experiment("pyra_clip", PYRA_ARMS, run_pyra("clip"), {FULL: _IMAGE_FULL, SMALL: _IMAGE_SMALL},
                "bundled tiny CLIP vision tower + linear head adapted to `clutter` (pyra.py recipe)",
                _prepare_image("clip")),
+    Experiment("pyra_modulation", tuple(PYRA_LR_FACTORS), run_pyra_modulation, {FULL: _IMAGE_FULL, SMALL: _IMAGE_SMALL},
+               "PYRA high on `pyra_vit`'s data, its modulation trained at a tenth and a hundredth of the lr",
+               _prepare_image("vit")),
     Experiment("maple_recipe", tuple(MAPLE_VARIANTS), run_maple_variant, {
         FULL: {**_PROMPTS_FULL, **own_recipe_settings(_PROMPTS_FULL)},
         SMALL: {**_PROMPTS_SMALL, **own_recipe_settings(_PROMPTS_SMALL, epochs_cap=1)}},

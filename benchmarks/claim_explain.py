@@ -99,7 +99,16 @@ def maple_clause(rows: list[dict] | None) -> str:
             if parts else "")
 
 
-def why(row: dict, ablation: dict | None = None, maple: list[dict] | None = None) -> str | None:
+def pyra_clause(rows: list[dict] | None) -> str:
+    """PYRA high against LoRA+ToMe high for each modulation learning rate that has runs."""
+    parts = [f"{r['arm'].removeprefix('PYRA high, ')} {_ci(r['vs_lora_tome'])}" for r in (rows or [])[1:]
+             if r["vs_lora_tome"]["ci95"]]
+    return ("modulation diagnostic (pyra_modulation.md), PYRA high - LoRA+ToMe high: " + ", ".join(parts)
+            if parts else "")
+
+
+def why(row: dict, ablation: dict | None = None, maple: list[dict] | None = None,
+        pyra: list[dict] | None = None) -> str | None:
     """One line for a row whose same- or own-recipe verdict is inconclusive or contradicted (None otherwise)."""
     own = row.get("own_recipe")
     if row["verdict"] not in UNDECIDED and not (own and own["verdict"] in UNDECIDED):
@@ -109,6 +118,8 @@ def why(row: dict, ablation: dict | None = None, maple: list[dict] | None = None
         clauses.append(lftl_clause(ablation, row["baseline"]))
     if (row["arm"], row["baseline"]) == ("MaPLe", "CoCoOp"):
         clauses.append(maple_clause(maple))
+    if (row["experiment"], row["arm"]) == ("pyra_vit", "PYRA high"):
+        clauses.append(pyra_clause(pyra))
     if "own_recipe" in row:
         clauses.append(recipe_clause(own))
     clauses.append(power_clause(row, row["power"]))

@@ -31,6 +31,7 @@ from claim_list import CLAIMS, Claim  # noqa: E402, F401 - Claim re-exported
 from claim_stats import MIN_SEEDS, paired  # noqa: E402
 from lftl_ablation import ablation_markdown, ablation_table  # noqa: E402
 from maple_recipe import maple_markdown, maple_rows  # noqa: E402
+from pyra_modulation import pyra_modulation_markdown, pyra_modulation_rows  # noqa: E402
 
 from common import RESULTS, machine  # noqa: E402
 
@@ -39,7 +40,7 @@ RUNS = RESULTS / "claims_runs"
 
 # cheapest first: what finishes early fills the table early
 ORDER = ("prompts", "prompts_own", "consolidator", "pyra_vit", "pyra_clip", "tempme", "pruning", "lftl",
-         "maple_recipe", "lftl_ablation", "lftl_pools", "lftl_budget", "lftl_queries")
+         "maple_recipe", "pyra_modulation", "lftl_ablation", "lftl_pools", "lftl_budget", "lftl_queries")
 
 
 def run_path(runs: Path, experiment: str, arm: str, seed: int) -> Path:
@@ -120,6 +121,7 @@ def analyse(runs: Path, size: str, min_seeds: int = MIN_SEEDS) -> dict:
                    for n, e in EXPERIMENTS.items()}
     ablation = ablation_table(data, experiments, min_seeds)
     maple = maple_rows(data, min_seeds)
+    pyra = pyra_modulation_rows(data, min_seeds)
     rows = []
     for claim in CLAIMS:
         arms = data.get(claim.experiment, {})
@@ -136,7 +138,7 @@ def analyse(runs: Path, size: str, min_seeds: int = MIN_SEEDS) -> dict:
             row["per_round"] = {k: paired(_metric(arms, claim.arm, k), _metric(arms, claim.baseline, k), min_seeds)
                                 for k in rounds}
         row["power"] = power(stats, claim.paper, claim.source)
-        row["why"] = why(row, ablation, maple)
+        row["why"] = why(row, ablation, maple, pyra)
         errors = [json.loads(p.read_text())["error"] for name in (claim.experiment, claim.own) if name
                   for arm in (claim.arm, claim.baseline)
                   for p in sorted(run_path(runs, name, arm, 0).parent.glob("*.error.json"))]
@@ -145,7 +147,8 @@ def analyse(runs: Path, size: str, min_seeds: int = MIN_SEEDS) -> dict:
         rows.append(row)
     summaries = {name: {arm: _summary(seeds) for arm, seeds in arms.items()} for name, arms in data.items()}
     return {"size": size, "min_seeds": min_seeds, "experiments": experiments, "claims": rows,
-            "lftl_ablation": ablation, "maple_recipe": maple, "arm_summaries": summaries}
+            "lftl_ablation": ablation, "maple_recipe": maple, "pyra_modulation": pyra,
+            "arm_summaries": summaries}
 
 
 def _metric(arms: dict[str, dict[int, dict]], arm: str, key: str) -> dict[int, float]:
@@ -239,6 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "lftl_ablation.json").write_text(json.dumps(result["lftl_ablation"], indent=1) + "\n")
     (out / "lftl_ablation.md").write_text(ablation_markdown(result["lftl_ablation"]))
     (out / "maple_recipe.md").write_text(maple_markdown(result["maple_recipe"]))
+    (out / "pyra_modulation.md").write_text(pyra_modulation_markdown(result["pyra_modulation"]))
     print(table(result))
     if not args.no_plots:
         try:

@@ -143,7 +143,7 @@ def gflops(model, image_size: int) -> float:
 def adapt(base, method: dict, data, args, seed: int):
     (x, y), (xt, yt) = data
     torch.manual_seed(seed)
-    config = dict(merge_schedule=method["merge_schedule"], lora_r=args.rank)
+    config = dict(merge_schedule=method["merge_schedule"], lora_r=args.rank, pyra_lr=getattr(args, "pyra_lr", None))
     if isinstance(base, CLIPVisionClassifier):  # PYRA wraps the tower; the head outside it stays trainable
         model = base
         model.tower = peft = get_peft_model(base.tower, PYRAConfig(**config))

@@ -14,6 +14,7 @@ from claims import CLAIMS, EXPERIMENTS, load_run, main, run_path, table  # noqa:
 from lftl_ablation import ABLATION_ARMS, POOL_ARMS, QUERY_ARMS, ablation_rows, components, query_rows  # noqa: E402
 from maple_recipe import MAPLE_VARIANTS, maple_markdown, maple_rows  # noqa: E402
 from prompt_recipes import ARM_RECIPE, LR_SCALE, RECIPES, epoch_lr, scaled  # noqa: E402
+from pyra_modulation import PYRA_LR_FACTORS, pyra_modulation_markdown, pyra_modulation_rows  # noqa: E402
 
 
 def test_paired_t_interval_by_hand():
@@ -203,6 +204,28 @@ def test_maple_rows_compare_each_recipe_with_cocoop_on_the_same_recipe():
            **paired({s: m["hm"] for s, m in runs(64.0).items()}, {s: m["hm"] for s, m in runs(66.0).items()}),
            "power": {"paper_effect": 2.72}}
     assert "own recipe, 150 epochs -3.50" in why(row, maple=rows)
+
+
+def test_pyra_modulation_rows_pair_each_learning_rate_with_both_claim_arms():
+    def runs(accuracy):
+        return {s: {"accuracy": accuracy + 0.1 * s * (s % 2)} for s in range(5)}
+
+    data = {"pyra_vit": {"PYRA high": runs(32.0), "LoRA+ToMe high": runs(33.0)},
+            "pyra_modulation": {"PYRA high, modulation at lr/100": runs(32.75)}}
+    rows = pyra_modulation_rows(data, 5)
+    assert [r["seeds"] for r in rows] == [5] + [5 if a.endswith("lr/100") else 0 for a in PYRA_LR_FACTORS]
+    assert rows[0]["vs_lora_tome"]["mean_difference"] == pytest.approx(-1.0)
+    slow = next(r for r in rows if r["arm"].endswith("lr/100"))
+    assert slow["vs_lora_tome"]["mean_difference"] == pytest.approx(-0.25)
+    assert slow["vs_shared_lr"]["mean_difference"] == pytest.approx(0.75)
+    table = pyra_modulation_markdown(rows)
+    assert "| PYRA high, modulation at lr/10 | 0 | – | – | – |" in table
+    row = {"arm": "PYRA high", "baseline": "LoRA+ToMe high", "experiment": "pyra_vit", "verdict": "contradicted",
+           **paired({s: m["accuracy"] for s, m in runs(32.0).items()}, {s: m["accuracy"] for s, m in runs(33.0).items()}),
+           "power": {"paper_effect": 1.63}}
+    line = why(row, pyra=rows)
+    assert "modulation at lr/100 -0.25" in line and "lr/10 " not in line  # only the learning rates that have runs
+    assert "modulation diagnostic" not in why({**row, "arm": "PYRA low", "baseline": "LoRA+ToMe low"}, pyra=rows)
 
 
 def test_lftl_why_line_quotes_the_ablation_and_negates_stored_differences():
